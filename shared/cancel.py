@@ -1,0 +1,153 @@
+"""Barge-in cancellation over Redis pub/sub.
+
+The bridge publishes a `Cancel` on the session's channel and records the
+cancelled turn in a key (so jobs still queued are skipped when claimed, and a
+worker that was reconnecting when the message flew by still learns of it).
+
+A worker process holds one pub/sub connection, pattern-subscribed to every
+session's cancel channel from start-up, so there is no window in which a job
+runs without being cancellable. Each running job holds a `CancelWatch`; the
+hub sets it when a cancel for its session and turn arrives. Engines check
+`watch.cancelled` between decode steps: a plain attribute read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import redis.asyncio as aioredis
+
+from . import metrics
+from .protocol import PREFIX, Cancel, Keys, ProtocolError, decode_as, encode
+from .redis_conn import TRANSIENT_ERRORS, Backoff
+
+log = logging.getLogger("voxbus.cancel")
+
+CANCEL_PATTERN = f"{PREFIX}:{{*}}:cancel"
+CANCELLED_TTL_S = 24 * 3600
+
+
+async def publish_cancel(redis: aioredis.Redis, cancel: Cancel) -> int:
+    """Record and broadcast a cancel; returns how many subscribers got it."""
+    # GREATEST semantics without a script: turns only grow, and the bridge is the only writer.
+    await redis.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
+    return await redis.publish(Keys.cancel_channel(cancel.session), encode(cancel))
+
+
+async def cancelled_turn(redis: aioredis.Redis, session: str) -> int:
+    value = await redis.get(Keys.cancelled_turn(session))
+    return int(value) if value is not None else -1
+
+
+class CancelWatch:
+    """Set when the session's `turn` (or a later one) is cancelled."""
+
+    __slots__ = ("session", "turn", "event", "reason")
+
+    def __init__(self, session: str, turn: int) -> None:
+        self.session, self.turn = session, turn
+        self.event = asyncio.Event()
+        self.reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+    def fire(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class CancelHub:
+    """One pub/sub connection per process, dispatching cancels to local watches."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._watches: dict[str, set[CancelWatch]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="voxbus-cancel-hub")
+        await self._ready.wait()
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def watch(self, session: str, turn: int) -> CancelWatch:
+        """A watch for (session, turn), already set if that turn was cancelled before."""
+        w = CancelWatch(session, turn)
+        self._watches[session].add(w)
+        if await cancelled_turn(self._redis, session) >= turn:
+            w.fire("cancelled before start")
+        return w
+
+    def unwatch(self, w: CancelWatch) -> None:
+        ws = self._watches.get(w.session)
+        if ws is not None:
+            ws.discard(w)
+            if not ws:
+                del self._watches[w.session]
+
+    def _dispatch(self, cancel: Cancel) -> None:
+        for w in list(self._watches.get(cancel.session, ())):
+            if w.turn <= cancel.turn:
+                w.fire(cancel.reason)
+
+    async def _resync(self) -> None:
+        """After a reconnect: fire watches whose turn was cancelled while we were away."""
+        sessions = list(self._watches)
+        if not sessions:
+            return
+        values = await self._redis.mget([Keys.cancelled_turn(s) for s in sessions])
+        for sid, value in zip(sessions, values):
+            if value is not None:
+                self._dispatch(Cancel(session=sid, turn=int(value), reason="cancelled during reconnect"))
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        first = True
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(CANCEL_PATTERN)
+                if not first:
+                    await self._resync()
+                first = False
+                self._ready.set()
+                backoff.reset()
+                while True:
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is None or msg.get("type") != "pmessage":
+                        continue
+                    try:
+                        cancel = decode_as(msg["data"], Cancel)
+                    except ProtocolError as exc:
+                        metrics.BUS_REJECTED.labels("cancel", "malformed").inc()
+                        log.warning("ignored malformed cancel on %r: %s", msg.get("channel"), exc)
+                        continue
+                    channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+                    if channel != Keys.cancel_channel(cancel.session):
+                        metrics.BUS_REJECTED.labels("cancel", "wrong channel").inc()
+                        continue  # a cancel naming session A sent on B's channel affects nobody
+                    metrics.CANCELS_RECEIVED.inc()
+                    self._dispatch(cancel)
+            except TRANSIENT_ERRORS as exc:
+                metrics.BUS_RECONNECTS.labels("cancel").inc()
+                log.warning("cancel subscription lost (%s); reconnecting", exc)
+                await backoff.sleep()
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # the connection is already broken; nothing to release
+                    pass

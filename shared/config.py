@@ -1,0 +1,125 @@
+"""Configuration: a TOML pools file plus environment variables, validated by msgspec.
+
+Secrets (the Redis URL with its password, API keys) come from the environment
+only. Every validation error names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .protocol import ProtocolError, validate_pool_name
+
+Stage = Literal["asr", "llm", "tts"]
+STAGES: tuple[Stage, ...] = ("asr", "llm", "tts")
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "ops" / "pools"
+DEFAULT_POOLS_FILE = EXAMPLES_DIR / "cpu.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or variable that is missing or invalid."""
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    stage: Stage
+    engine: str
+    gpu_type: str = "cpu"
+    slots: int = 1
+    options: dict[str, Any] = {}
+    max_deliveries: int = 3
+    claim_idle_ms: int = 5_000
+    # Overflow routing: new jobs go to `fallback` when this pool's lag or p95 queue wait exceeds a bound.
+    fallback: str | None = None
+    overflow_lag: int | None = None
+    overflow_wait_ms: float | None = None
+    labels: dict[str, str] = {}
+    name: str = ""  # filled from the table key
+
+
+class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_sessions: int = 200
+    max_datachannel_bytes: int = 4096
+    jitter_target_ms: int = 60
+    ice_servers: list[str] = []
+    vad_threshold: float = 0.5
+    min_speech_ms: int = 100
+    min_silence_ms: int = 300
+    speech_pad_ms: int = 60
+    barge_in_min_speech_ms: int = 200
+    barge_in_min_speech_thinking_ms: int = 300
+    false_interrupt_timeout_ms: int = 1500
+    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pools: dict[str, PoolConfig]
+    defaults: dict[Stage, str] = {}
+    bridge: BridgeConfig = msgspec.field(default_factory=BridgeConfig)
+    source: str = ""
+
+    def pool(self, name: str) -> PoolConfig:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise ConfigError(f"{self.source}: no pool named {name!r} (have: {', '.join(sorted(self.pools))})") from None
+
+    def default_pool(self, stage: Stage) -> PoolConfig:
+        if stage in self.defaults:
+            return self.pool(self.defaults[stage])
+        for pool in self.pools.values():
+            if pool.stage == stage:
+                return pool
+        raise ConfigError(f"{self.source}: no pool serves stage {stage!r}")
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    cfg.source = source
+    for name, pool in cfg.pools.items():
+        where = f"{source}: pools.{name}"
+        try:
+            validate_pool_name(name)
+        except ProtocolError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        pool.name = name
+        if pool.slots < 1:
+            raise ConfigError(f"{where}.slots: expected an integer >= 1, got {pool.slots}")
+        if pool.max_deliveries < 1:
+            raise ConfigError(f"{where}.max_deliveries: expected an integer >= 1, got {pool.max_deliveries}")
+        if pool.fallback is not None:
+            other = cfg.pools.get(pool.fallback)
+            if other is None:
+                raise ConfigError(f"{where}.fallback: no pool named {pool.fallback!r}")
+            if other.stage != pool.stage:
+                raise ConfigError(f"{where}.fallback: pool {pool.fallback!r} serves {other.stage!r}, expected {pool.stage!r}")
+    for stage, name in cfg.defaults.items():
+        pool = cfg.pools.get(name)
+        if pool is None:
+            raise ConfigError(f"{source}: defaults.{stage}: no pool named {name!r}")
+        if pool.stage != stage:
+            raise ConfigError(f"{source}: defaults.{stage}: pool {name!r} serves {pool.stage!r}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the pools file: `path`, else $VOXBUS_POOLS, else the bundled CPU example."""
+    file = Path(path or os.environ.get("VOXBUS_POOLS") or DEFAULT_POOLS_FILE)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read pools file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    return parse_config(data, str(file))

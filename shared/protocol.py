@@ -1,0 +1,405 @@
+"""The wire contract: every Redis key, channel and message type voxbus uses.
+
+Everything that crosses Redis is defined here and nowhere else. A stream entry
+holds exactly one field, ``m``, whose value is a msgspec Struct encoded as
+msgpack. Each message type carries its schema version inside its tag
+(``"audio.frame/1"``), so a consumer that meets a type or version it does not
+know gets a :class:`ProtocolError` instead of a half-understood message.
+
+Per-session keys share the Redis Cluster hash tag ``{session_id}`` so that a
+session's streams live on one slot; per-pool job streams are single keys.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Literal, Union
+
+import msgspec
+
+# --------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------
+
+SAMPLE_RATE = 16_000
+FRAME_MS = 20
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+FRAME_BYTES = FRAME_SAMPLES * 2  # PCM16 mono
+MAX_FRAME_BYTES = FRAME_BYTES * 5  # 100 ms: anything bigger is not a frame
+MAX_OUT_CHUNK_BYTES = 48_000 * 2 * 2  # 2 s of 48 kHz PCM16 agent audio
+MAX_TEXT_CHARS = 16_384
+MAX_ENTRY_BYTES = 256 * 1024  # any stream entry above this is rejected undecoded
+ENTRY_FIELD = b"m"
+
+_SESSION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_POOL_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+class ProtocolError(ValueError):
+    """A stream entry, message or name that does not follow this contract."""
+
+
+def validate_session_id(sid: str) -> str:
+    """Session ids become part of keys: no braces, colons or spaces allowed."""
+    if not isinstance(sid, str) or not _SESSION_RE.fullmatch(sid):
+        raise ProtocolError(f"invalid session id {sid!r}: expected 1-64 of [A-Za-z0-9_.-]")
+    return sid
+
+
+def validate_pool_name(pool: str) -> str:
+    if not isinstance(pool, str) or not _POOL_RE.fullmatch(pool):
+        raise ProtocolError(f"invalid pool name {pool!r}: expected lowercase [a-z0-9_.-], max 63")
+    return pool
+
+
+# --------------------------------------------------------------------------
+# Keys and channels
+# --------------------------------------------------------------------------
+
+PREFIX = "vb"
+
+
+class Keys:
+    """Names of every Redis key and channel. Stateless; call the static methods."""
+
+    @staticmethod
+    def _s(sid: str, leaf: str) -> str:
+        return f"{PREFIX}:{{{validate_session_id(sid)}}}:{leaf}"
+
+    # --- per session (one Cluster slot per session) ---
+    @staticmethod
+    def audio_in(sid: str) -> str:
+        """Caller audio, one AudioFrame per entry: also the session's recording."""
+        return Keys._s(sid, "audio.in")
+
+    @staticmethod
+    def events(sid: str) -> str:
+        """Speech start/end, transcripts, turn marks, cancel markers."""
+        return Keys._s(sid, "events")
+
+    @staticmethod
+    def tokens(sid: str) -> str:
+        return Keys._s(sid, "tokens")
+
+    @staticmethod
+    def audio_out(sid: str) -> str:
+        return Keys._s(sid, "audio.out")
+
+    @staticmethod
+    def ctx(sid: str) -> str:
+        """Conversation context: a Redis list of encoded ChatMessage."""
+        return Keys._s(sid, "ctx")
+
+    @staticmethod
+    def meta(sid: str) -> str:
+        """Encoded SessionMeta (plain string key)."""
+        return Keys._s(sid, "meta")
+
+    @staticmethod
+    def cancelled_turn(sid: str) -> str:
+        """Highest cancelled turn id; queued jobs at or below it are skipped."""
+        return Keys._s(sid, "cancelled")
+
+    @staticmethod
+    def cancel_channel(sid: str) -> str:
+        """Pub/sub channel carrying Cancel messages for one session."""
+        return Keys._s(sid, "cancel")
+
+    @staticmethod
+    def session_streams(sid: str) -> list[str]:
+        return [Keys.audio_in(sid), Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)]
+
+    # --- per pool ---
+    @staticmethod
+    def pool_jobs(pool: str) -> str:
+        return f"{PREFIX}:pool:{validate_pool_name(pool)}:jobs"
+
+    @staticmethod
+    def pool_dlq(pool: str) -> str:
+        return f"{PREFIX}:pool:{validate_pool_name(pool)}:dlq"
+
+    @staticmethod
+    def pool_group(pool: str) -> str:
+        """Consumer group name on the pool's job stream."""
+        return validate_pool_name(pool)
+
+    @staticmethod
+    def pool_errors(pool: str) -> str:
+        """Hash: job entry id -> last failure reason (cleared on ack / dead-letter)."""
+        return f"{PREFIX}:pool:{validate_pool_name(pool)}:errors"
+
+    @staticmethod
+    def worker(pool: str, worker_id: str) -> str:
+        """Worker registry record (hash with a TTL refreshed by heartbeats)."""
+        return f"{PREFIX}:workers:{validate_pool_name(pool)}:{worker_id}"
+
+    @staticmethod
+    def worker_pattern(pool: str = "*") -> str:
+        return f"{PREFIX}:workers:{pool}:*"
+
+    # --- global ---
+    DLQ = f"{PREFIX}:dlq"  # rejected entries from non-group readers (bridge, replay)
+    SESSIONS = f"{PREFIX}:sessions"  # sorted set: session id -> start time
+
+
+# Default MAXLEN ~ bounds per stream kind (about 10 minutes of 20 ms audio).
+STREAM_MAXLEN: dict[str, int] = {
+    "audio.in": 30_000,
+    "events": 5_000,
+    "tokens": 20_000,
+    "audio.out": 30_000,
+    "jobs": 100_000,
+    "dlq": 100_000,
+}
+
+
+def maxlen_for(key: str) -> int:
+    """MAXLEN bound for a key made by :class:`Keys` (by its last segment)."""
+    leaf = key.rsplit(":", 1)[-1]
+    return STREAM_MAXLEN.get(leaf, 10_000)
+
+
+# --------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------
+
+
+def now() -> float:
+    """Wall-clock seconds; the clock every timestamp on the wire uses."""
+    return time.time()
+
+
+class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of every message. Subclasses set ``tag="name/version"``."""
+
+    session: str
+    ts: float = msgspec.field(default_factory=now)
+
+    def __post_init__(self) -> None:
+        validate_session_id(self.session)
+
+
+def _check_text(text: str, what: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{what} longer than {MAX_TEXT_CHARS} characters")
+
+
+class AudioFrame(Message, tag="audio.frame/1"):
+    """20 ms of caller audio, 16 kHz mono PCM16 little-endian."""
+
+    seq: int
+    pcm: bytes
+    rate: int = SAMPLE_RATE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rate != SAMPLE_RATE:
+            raise ValueError(f"audio frames must be {SAMPLE_RATE} Hz, got {self.rate}")
+        if not 0 < len(self.pcm) <= MAX_FRAME_BYTES or len(self.pcm) % 2:
+            raise ValueError(f"frame of {len(self.pcm)} bytes: expected even, 2..{MAX_FRAME_BYTES}")
+
+
+class SpeechStart(Message, tag="speech.start/1"):
+    frame: int  # seq of the first voiced frame
+    prob: float = 0.0
+
+
+class SpeechEnd(Message, tag="speech.end/1"):
+    start_frame: int
+    end_frame: int  # seq of the last voiced frame (inclusive)
+    silence_ms: float = 0.0  # silence the VAD waited before deciding
+
+
+class Interrupt(Message, tag="interrupt/1"):
+    """The caller talked over the agent (client control message or bridge VAD)."""
+
+    source: Literal["client", "vad"] = "client"
+    turn: int = -1
+
+
+class Cancel(Message, tag="cancel/1"):
+    """Published on the session's cancel channel: stop every job of `turn` (and older)."""
+
+    turn: int
+    reason: str = "barge-in"
+
+
+class AsrJob(Message, tag="job.asr/1"):
+    """Transcribe frames [start_seq, end_seq] of the session's audio.in."""
+
+    turn: int
+    start_seq: int
+    end_seq: int
+    final: bool = True
+    language: str | None = None
+
+
+class Transcript(Message, tag="transcript/1"):
+    turn: int
+    text: str
+    final: bool = True
+    start_seq: int = 0
+    end_seq: int = 0
+    asr_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text(self.text, "transcript")
+
+
+class LlmJob(Message, tag="job.llm/1"):
+    """Generate the reply for `turn` from the session's context list."""
+
+    turn: int
+    max_tokens: int = 256
+
+
+class TokenChunk(Message, tag="token/1"):
+    turn: int
+    seq: int
+    text: str
+    final: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text(self.text, "token chunk")
+
+
+class TtsJob(Message, tag="job.tts/1"):
+    """Speak `turn`: follow its token stream (or speak `text` when given)."""
+
+    turn: int
+    text: str | None = None
+    voice: str | None = None
+
+
+class AudioOut(Message, tag="audio.out/1"):
+    """A chunk of agent speech, PCM16 mono at `rate`."""
+
+    turn: int
+    seq: int
+    pcm: bytes
+    rate: int
+    final: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 8_000 <= self.rate <= 48_000:
+            raise ValueError(f"agent audio rate {self.rate} Hz outside 8000..48000")
+        if len(self.pcm) > MAX_OUT_CHUNK_BYTES or len(self.pcm) % 2:
+            raise ValueError(f"agent audio chunk of {len(self.pcm)} bytes is odd or too large")
+
+
+class TurnMark(Message, tag="turn.mark/1"):
+    """A latency mark of one turn, e.g. stage="asr", mark="done", value_ms=123."""
+
+    turn: int
+    stage: str
+    mark: str
+    value_ms: float = 0.0
+
+
+class Cancelled(Message, tag="cancelled/1"):
+    """Written into a session stream when a stage stopped a job on cancel."""
+
+    turn: int
+    stage: str
+    reason: str = "barge-in"
+
+
+class JobFailed(Message, tag="job.failed/1"):
+    """Written into the session's events when a job was dead-lettered."""
+
+    turn: int
+    stage: str
+    reason: str
+
+
+class SessionMeta(Message, tag="session.meta/1"):
+    transport: str = "webrtc"
+    pools: dict[str, str] = {}
+    attrs: dict[str, str] = {}
+
+
+class ChatMessage(Message, tag="chat/1"):
+    """One entry of the conversation context list."""
+
+    role: Literal["system", "user", "assistant"]
+    text: str
+    turn: int = -1
+    interrupted: bool = False
+
+
+class DeadLetter(msgspec.Struct, tag="dead.letter/1", tag_field="type", kw_only=True):
+    """What a dead-letter stream holds: the raw entry and why it was rejected."""
+
+    source: str
+    entry_id: str
+    reason: str
+    payload: bytes
+    deliveries: int = 0
+    ts: float = msgspec.field(default_factory=now)
+
+
+AnyMessage = Union[
+    AudioFrame, SpeechStart, SpeechEnd, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
+    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage,
+]
+Job = Union[AsrJob, LlmJob, TtsJob]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+_dlq_decoder = msgspec.msgpack.Decoder(DeadLetter)
+KNOWN_TAGS: frozenset[str] = frozenset(t.__struct_config__.tag for t in AnyMessage.__args__)  # type: ignore[attr-defined]
+
+
+def encode(msg: Message | DeadLetter) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> AnyMessage:
+    """Decode one message; any malformed, unknown or oversized input raises ProtocolError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_ENTRY_BYTES:
+        raise ProtocolError(f"entry of {len(data)} bytes exceeds {MAX_ENTRY_BYTES}")
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def decode_as(data: bytes, *types: type[Message]) -> Any:
+    """Decode and check the message is one of `types` (e.g. a pool only takes its job)."""
+    msg = decode(data)
+    if not isinstance(msg, types):
+        names = ", ".join(t.__struct_config__.tag for t in types)  # type: ignore[attr-defined]
+        raise ProtocolError(f"unexpected message {type(msg).__struct_config__.tag}, expected {names}")
+    return msg
+
+
+def decode_entry(fields: dict[bytes, bytes]) -> AnyMessage:
+    """Decode a stream entry's field map (exactly one field, ``m``)."""
+    if len(fields) != 1 or ENTRY_FIELD not in fields:
+        raise ProtocolError(f"entry must hold exactly the field 'm', got {sorted(map(repr, fields))[:4]}")
+    return decode(fields[ENTRY_FIELD])
+
+
+def entry(msg: Message) -> dict[bytes, bytes]:
+    return {ENTRY_FIELD: encode(msg)}
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    return _dlq_decoder.decode(data)
+
+
+# Message types each session stream may carry (readers reject anything else).
+STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
+    "audio.in": (AudioFrame,),
+    "events": (SpeechStart, SpeechEnd, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
+    "tokens": (TokenChunk, Cancelled),
+    "audio.out": (AudioOut, Cancelled),
+}
+STAGE_JOB: dict[str, type[Message]] = {"asr": AsrJob, "llm": LlmJob, "tts": TtsJob}
+Stage = Literal["asr", "llm", "tts"]
