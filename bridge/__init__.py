@@ -1,0 +1,1 @@
+"""voxbus bridge: owns live calls (WebRTC in and out, VAD, turn state, playout)."""

@@ -1,0 +1,1 @@
+"""voxbus workers: stateless pool workers running ASR, LLM and TTS engines."""

@@ -1,0 +1,36 @@
+"""LLM engines: the interface and the registry (one line per engine)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from shared.cancel import CancelWatch
+from shared.plugins import load_engine
+from shared.protocol import ChatMessage
+
+ENGINES: dict[str, str] = {
+    "llamacpp": "workers.llm.llamacpp:LlamaCppLlm",
+    "openai": "workers.llm.openai_compat:OpenAiLlm",
+    "vllm": "workers.llm.vllm_engine:VllmLlm",
+}
+
+
+class LlmEngine(Protocol):
+    """Streams a reply token by token; stops within one decode step once `watch` is set."""
+
+    async def load(self) -> None:
+        """Load weights or open the client (heavy work off the event loop)."""
+
+    def stream(
+        self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None
+    ) -> AsyncIterator[str]:
+        """Yield text deltas as they decode. Closing the iterator, or the watch firing,
+        aborts the generation (vLLM abort, closing the HTTP stream, breaking the token loop)."""
+
+    async def close(self) -> None:
+        """Release the model / client."""
+
+
+def create(name: str, options: dict[str, Any]) -> LlmEngine:
+    return load_engine(ENGINES, "llm", name, options)
