@@ -34,6 +34,8 @@ from .redis_conn import TRANSIENT_ERRORS, Backoff
 
 log = logging.getLogger("voxbus.bus")
 
+DUPLICATE_ID_ERROR = "equal or smaller than the target stream top item"
+
 
 def stream_kind(key: str) -> str:
     return key.rsplit(":", 1)[-1]
@@ -57,31 +59,34 @@ class BatchPublisher:
         self._redis = redis
         self._max_batch = max_batch
         self._max_buffer = max_buffer
-        self._buf: list[tuple[str, bytes, int, asyncio.Future[bytes]]] = []
+        self._buf: list[tuple[str, bytes, int, str, asyncio.Future[bytes | None]]] = []
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
-    def publish_nowait(self, key: str, msg: Message, maxlen: int | None = None) -> asyncio.Future[bytes]:
-        """Queue one XADD; the future resolves to the entry id once Redis has it."""
+    def publish_nowait(
+        self, key: str, msg: Message, maxlen: int | None = None, entry_id: str = "*"
+    ) -> asyncio.Future[bytes | None]:
+        """Queue one XADD; the future resolves to the entry id once Redis has it, or to
+        None when an explicit `entry_id` was already taken (a duplicate, dropped)."""
         if self._closed:
             raise RuntimeError("publisher is closed")
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="voxbus-publisher")
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._buf.append((key, encode(msg), maxlen or maxlen_for(key), fut))
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._buf.append((key, encode(msg), maxlen or maxlen_for(key), entry_id, fut))
         self._wake.set()
         if len(self._buf) >= self._max_buffer:
             self._room.clear()
         return fut
 
-    async def publish(self, key: str, msg: Message, maxlen: int | None = None) -> bytes:
+    async def publish(self, key: str, msg: Message, maxlen: int | None = None, entry_id: str = "*") -> bytes | None:
         await self._room.wait()
-        return await self.publish_nowait(key, msg, maxlen)
+        return await self.publish_nowait(key, msg, maxlen, entry_id)
 
-    async def publish_many(self, items: list[tuple[str, Message]]) -> list[bytes]:
+    async def publish_many(self, items: list[tuple[str, Message]]) -> list[bytes | None]:
         await self._room.wait()
         return list(await asyncio.gather(*(self.publish_nowait(k, m) for k, m in items)))
 
@@ -106,8 +111,8 @@ class BatchPublisher:
             while self._buf:
                 batch = self._buf[: self._max_batch]
                 pipe = self._redis.pipeline(transaction=False)
-                for key, data, maxlen, _ in batch:
-                    pipe.xadd(key, {ENTRY_FIELD: data}, maxlen=maxlen, approximate=True)
+                for key, data, maxlen, entry_id, _ in batch:
+                    pipe.xadd(key, {ENTRY_FIELD: data}, id=entry_id, maxlen=maxlen, approximate=True)
                 try:
                     results = await pipe.execute(raise_on_error=False)
                 except TRANSIENT_ERRORS as exc:
@@ -122,10 +127,13 @@ class BatchPublisher:
                 del self._buf[: len(batch)]
                 if len(self._buf) < self._max_buffer:
                     self._room.set()
-                for (key, _, _, fut), res in zip(batch, results):
+                for (key, _, _, _, fut), res in zip(batch, results):
                     if fut.done():
                         continue
-                    if isinstance(res, Exception):
+                    if isinstance(res, ResponseError) and DUPLICATE_ID_ERROR in str(res):
+                        metrics.BUS_DUPLICATES.labels(stream_kind(key)).inc()
+                        fut.set_result(None)
+                    elif isinstance(res, Exception):
                         fut.set_exception(res)
                     else:
                         metrics.BUS_PUBLISHED.labels(stream_kind(key)).inc()

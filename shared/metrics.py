@@ -12,6 +12,9 @@ BUS_REJECTED = Counter(
     "voxbus_bus_rejected_total", "Stream entries rejected as malformed or unexpected", ["kind", "reason"]
 )
 BUS_DEAD_LETTERED = Counter("voxbus_bus_dead_lettered_total", "Entries moved to a dead-letter stream", ["queue"])
+BUS_DUPLICATES = Counter(
+    "voxbus_bus_duplicates_total", "Outputs refused because their (turn, seq) id already exists", ["kind"]
+)
 BUS_RECONNECTS = Counter("voxbus_bus_reconnects_total", "Redis reconnect attempts after errors", ["component"])
 BUS_HOP_MS = Histogram("voxbus_bus_hop_ms", "Publish to receipt latency of one hop", ["kind"], buckets=LATENCY_BUCKETS_MS)
 CANCELS_RECEIVED = Counter("voxbus_cancels_received_total", "Cancel messages received over pub/sub")

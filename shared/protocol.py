@@ -143,6 +143,33 @@ class Keys:
     SESSIONS = f"{PREFIX}:sessions"  # sorted set: session id -> start time
 
 
+# Explicit entry ids. audio.in entries are numbered by frame seq, so an ASR job's
+# frame range is one XRANGE; tokens and audio.out entries by (turn, seq), so a
+# re-run job's repeated outputs are refused by Redis itself ("ID equal or smaller")
+# and a turn's outputs are XRANGE key T T. Never XADD "*" to these three streams.
+
+
+def frame_entry_id(seq: int) -> str:
+    return f"{seq + 1}-0"
+
+
+def frame_seq(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0]) - 1
+
+
+def output_entry_id(turn: int, seq: int) -> str:
+    return f"{turn + 1}-{seq}"
+
+
+def turn_range(turn: int) -> tuple[str, str]:
+    """XRANGE bounds covering every output entry of `turn`."""
+    return f"{turn + 1}-0", f"{turn + 1}-18446744073709551615"
+
+
+EXPLICIT_ID_STREAMS = frozenset({"audio.in", "tokens", "audio.out"})
+
+
 # Default MAXLEN ~ bounds per stream kind (about 10 minutes of 20 ms audio).
 STREAM_MAXLEN: dict[str, int] = {
     "audio.in": 30_000,
@@ -398,8 +425,8 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
 STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
     "audio.in": (AudioFrame,),
     "events": (SpeechStart, SpeechEnd, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
-    "tokens": (TokenChunk, Cancelled),
-    "audio.out": (AudioOut, Cancelled),
+    "tokens": (TokenChunk,),
+    "audio.out": (AudioOut,),
 }
 STAGE_JOB: dict[str, type[Message]] = {"asr": AsrJob, "llm": LlmJob, "tts": TtsJob}
 Stage = Literal["asr", "llm", "tts"]
