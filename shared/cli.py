@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("shared.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
     "demo": ("shared.selfcheck", "run the main job (until the bridge lands: the bus self-check)"),
+    "worker": ("workers.cli", "run one pool's worker process (ASR, LLM or TTS)"),
 }
 
 

@@ -119,6 +119,25 @@ class JobQueue:
             return []
         cursor, entries = reply[0], reply[1]  # Redis 7 adds a third element: deleted ids
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+        return await self._take(entries)
+
+    async def claim_from(self, consumer: str, count: int, min_idle_ms: int) -> list[Delivery]:
+        """Take over up to `count` jobs pending at `consumer` (one the registry says is dead).
+
+        `min_idle_ms` keeps two live workers from both taking the same job: the
+        first XCLAIM resets the idle time, so the second finds nothing idle enough.
+        """
+        if count <= 0:
+            return []
+        rows = await self.redis.xpending_range(self.key, self.group, "-", "+", count, consumername=consumer)
+        ids = [row["message_id"] for row in rows]
+        if not ids:
+            return []
+        entries = await self.redis.xclaim(self.key, self.group, self.consumer, min_idle_time=min_idle_ms, message_ids=ids)
+        return await self._take(entries)
+
+    async def _take(self, entries: list) -> list[Delivery]:
+        """Claimed entries -> deliveries; those over the delivery cap go to the DLQ."""
         entries = [(eid, fields) for eid, fields in entries if fields is not None]
         if not entries:
             return []

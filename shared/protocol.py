@@ -130,13 +130,16 @@ class Keys:
         return f"{PREFIX}:pool:{validate_pool_name(pool)}:errors"
 
     @staticmethod
-    def worker(pool: str, worker_id: str) -> str:
-        """Worker registry record (hash with a TTL refreshed by heartbeats)."""
-        return f"{PREFIX}:workers:{validate_pool_name(pool)}:{worker_id}"
+    def pool_workers(pool: str) -> str:
+        """Sorted set: worker id -> last heartbeat (wall-clock seconds)."""
+        return f"{PREFIX}:pool:{validate_pool_name(pool)}:workers"
 
     @staticmethod
-    def worker_pattern(pool: str = "*") -> str:
-        return f"{PREFIX}:workers:{pool}:*"
+    def worker(pool: str, worker_id: str) -> str:
+        """Worker registry record (hash with a TTL refreshed by heartbeats)."""
+        return f"{PREFIX}:worker:{validate_pool_name(pool)}:{worker_id}"
+
+    POOLS = f"{PREFIX}:pools"  # set of pool names that ever had a worker
 
     # --- global ---
     DLQ = f"{PREFIX}:dlq"  # rejected entries from non-group readers (bridge, replay)
@@ -165,6 +168,11 @@ def output_entry_id(turn: int, seq: int) -> str:
 def turn_range(turn: int) -> tuple[str, str]:
     """XRANGE bounds covering every output entry of `turn`."""
     return f"{turn + 1}-0", f"{turn + 1}-18446744073709551615"
+
+
+def turn_start_exclusive(turn: int) -> str:
+    """An XREAD position just before the first output entry of `turn`."""
+    return f"{turn}-18446744073709551615"
 
 
 EXPLICIT_ID_STREAMS = frozenset({"audio.in", "tokens", "audio.out"})
@@ -369,6 +377,23 @@ class DeadLetter(msgspec.Struct, tag="dead.letter/1", tag_field="type", kw_only=
     ts: float = msgspec.field(default_factory=now)
 
 
+class WorkerRecord(msgspec.Struct, kw_only=True):
+    """A worker's registry entry (refreshed with every heartbeat)."""
+
+    worker_id: str
+    pool: str
+    stage: str
+    gpu_type: str
+    host: str
+    pid: int
+    slots_total: int
+    slots_busy: int = 0
+    model: str = ""
+    started: float = msgspec.field(default_factory=now)
+    heartbeat: float = msgspec.field(default_factory=now)
+    jobs_done: int = 0
+
+
 AnyMessage = Union[
     AudioFrame, SpeechStart, SpeechEnd, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
     TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage,
@@ -381,7 +406,7 @@ _dlq_decoder = msgspec.msgpack.Decoder(DeadLetter)
 KNOWN_TAGS: frozenset[str] = frozenset(t.__struct_config__.tag for t in AnyMessage.__args__)  # type: ignore[attr-defined]
 
 
-def encode(msg: Message | DeadLetter) -> bytes:
+def encode(msg: Message | DeadLetter | WorkerRecord) -> bytes:
     return _encoder.encode(msg)
 
 
@@ -419,6 +444,16 @@ def entry(msg: Message) -> dict[bytes, bytes]:
 
 def decode_dead_letter(data: bytes) -> DeadLetter:
     return _dlq_decoder.decode(data)
+
+
+_worker_decoder = msgspec.msgpack.Decoder(WorkerRecord)
+
+
+def decode_worker(data: bytes) -> WorkerRecord:
+    try:
+        return _worker_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"bad worker record: {exc}") from None
 
 
 # Message types each session stream may carry (readers reject anything else).

@@ -13,6 +13,7 @@ ENGINES: dict[str, str] = {
     "llamacpp": "workers.llm.llamacpp:LlamaCppLlm",
     "openai": "workers.llm.openai_compat:OpenAiLlm",
     "vllm": "workers.llm.vllm_engine:VllmLlm",
+    "synthetic": "workers.llm.synthetic:SyntheticLlm",
 }
 
 

@@ -1,0 +1,81 @@
+"""Choosing a pool per stage: the session's choice, else the default, with overflow.
+
+When the chosen pool's lag or head-of-line queue wait exceeds its configured
+bound, new jobs go to its fallback pool; that is counted
+(`voxbus_overflow_total`) and written to the session's events as a TurnMark.
+The head-of-line wait (age of the oldest undelivered job) stands in for the
+p95 queue wait: it is what the next job will at least wait, and it costs one
+XRANGE instead of a histogram.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from .bus import BatchPublisher
+from .config import Config, PoolConfig, Stage
+from .protocol import Job, Keys, TurnMark
+from .queue_stats import PoolStats, pool_stats
+
+OVERFLOWS = Counter("voxbus_overflow_total", "Jobs routed to a fallback pool", ["stage", "pool", "fallback"])
+
+
+@dataclass(slots=True)
+class Route:
+    pool: str
+    overflowed_from: str | None = None
+    reason: str = ""
+
+
+class Router:
+    def __init__(self, redis: aioredis.Redis, config: Config, *, stats_ttl_s: float = 0.1) -> None:
+        self.redis = redis
+        self.config = config
+        self.stats_ttl_s = stats_ttl_s
+        self._stats: dict[str, tuple[float, PoolStats]] = {}
+
+    async def _stats_of(self, pool: str) -> PoolStats:
+        cached = self._stats.get(pool)
+        if cached and time.monotonic() - cached[0] < self.stats_ttl_s:
+            return cached[1]
+        stats = await pool_stats(self.redis, pool)
+        self._stats[pool] = (time.monotonic(), stats)
+        return stats
+
+    @staticmethod
+    def _saturation(pool: PoolConfig, stats: PoolStats) -> str:
+        if pool.overflow_lag is not None and stats.lag > pool.overflow_lag:
+            return f"lag {stats.lag} > {pool.overflow_lag}"
+        if pool.overflow_wait_ms is not None and stats.head_wait_ms > pool.overflow_wait_ms:
+            return f"queue wait {stats.head_wait_ms:.0f} ms > {pool.overflow_wait_ms:.0f} ms"
+        return ""
+
+    async def choose(self, stage: Stage, override: str | None = None) -> Route:
+        pool = self.config.pool(override) if override else self.config.default_pool(stage)
+        if pool.stage != stage:
+            raise ValueError(f"pool {pool.name!r} serves {pool.stage!r}, not {stage!r}")
+        seen = {pool.name}
+        route = Route(pool.name)
+        while pool.fallback and pool.fallback not in seen:
+            reason = self._saturation(pool, await self._stats_of(pool.name))
+            if not reason:
+                break
+            route = Route(pool.fallback, route.overflowed_from or pool.name, reason)
+            OVERFLOWS.labels(stage, pool.name, pool.fallback).inc()
+            pool = self.config.pool(pool.fallback)
+            seen.add(pool.name)
+        return route
+
+    async def submit(self, publisher: BatchPublisher, stage: Stage, job: Job, override: str | None = None) -> Route:
+        """Route and enqueue `job` (through the publisher: it lands after frames published before it)."""
+        route = await self.choose(stage, override)
+        publisher.publish_nowait(Keys.pool_jobs(route.pool), job)
+        if route.overflowed_from:
+            publisher.publish_nowait(Keys.events(job.session), TurnMark(
+                session=job.session, turn=job.turn, stage=stage, mark=f"overflow:{route.overflowed_from}->{route.pool}"))
+        await publisher.flush()
+        return route

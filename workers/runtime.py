@@ -1,0 +1,240 @@
+"""The worker runtime: one process serves one pool with a fixed number of slots.
+
+- Claims new jobs only while a slot is free, and never more than the free
+  slots, so an idle worker beside a busy one takes the work.
+- Heartbeats into the registry; every `reap_interval_s` it takes over jobs
+  pending at consumers that the registry says are dead (fast path, about
+  `ttl_s` after a kill -9) and runs `XAUTOCLAIM` as the backstop.
+- Every running job holds a CancelWatch from the process's single pub/sub
+  connection; a job whose turn was cancelled before it started is skipped.
+- SIGTERM drains: stop claiming, let running jobs finish within a bound, hand
+  the rest back to the pool at once, deregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from shared import metrics
+from shared.bus import BatchPublisher
+from shared.cancel import CancelHub
+from shared.config import PoolConfig
+from shared.jobs import Delivery, JobQueue
+from shared.protocol import Cancelled, JobFailed, Keys, WorkerRecord
+from shared.redis_conn import TRANSIENT_ERRORS, Backoff, connect, redact_url, wait_ready
+from workers import registry
+from workers.stages import Outcome, StageContext, StageHandler, create_handler
+
+log = logging.getLogger("voxbus.worker")
+
+
+def new_worker_id(pool: str) -> str:
+    return f"{pool}-{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        redis_url: str,
+        pool: PoolConfig,
+        *,
+        handler: StageHandler | None = None,
+        engine: Any | None = None,
+        heartbeat_s: float = 0.25,
+        ttl_s: float = 1.0,
+        reap_interval_s: float = 0.25,
+        drain_timeout_s: float = 10.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.pool = pool
+        self.id = worker_id or new_worker_id(pool.name)
+        self._handler = handler
+        self._engine = engine
+        self.heartbeat_s = heartbeat_s
+        self.ttl_s = ttl_s
+        self.reap_interval_s = reap_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self.running: dict[str, tuple[asyncio.Task[None], Delivery]] = {}
+        self.ready = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._labels = (pool.name, pool.stage, pool.gpu_type)
+        self.record = WorkerRecord(
+            worker_id=self.id, pool=pool.name, stage=pool.stage, gpu_type=pool.gpu_type,
+            host=socket.gethostname(), pid=os.getpid(), slots_total=pool.slots,
+            model=str(pool.options.get("model", "")),
+        )
+
+    @property
+    def free_slots(self) -> int:
+        return self.pool.slots - len(self.running)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        redis = connect(self.redis_url)
+        await wait_ready(redis, 30, self.redis_url)
+        self.redis = redis
+        self.publisher = BatchPublisher(redis)
+        self.hub = CancelHub(redis)
+        self.queue = JobQueue(
+            redis, self.pool.name, self.id, stage=self.pool.stage,
+            max_deliveries=self.pool.max_deliveries, claim_idle_ms=self.pool.claim_idle_ms,
+        )
+        await self.queue.ensure_group()
+        await self.hub.start()
+        ctx = StageContext(redis, self.publisher, self.pool, self.id)
+        handler = self._handler or create_handler(ctx, self._engine)
+        log.info("worker %s: loading %s engine %r for pool %s", self.id, self.pool.stage, self.pool.engine, self.pool.name)
+        t0 = time.perf_counter()
+        await handler.load()
+        self.handler = handler
+        log.info("worker %s: ready in %.1fs (redis %s, %d slots)", self.id, time.perf_counter() - t0,
+                 redact_url(self.redis_url), self.pool.slots)
+        metrics.SLOTS_TOTAL.labels(*self._labels).set(self.pool.slots)
+        await registry.heartbeat(redis, self.record, self.ttl_s)
+        beat = asyncio.create_task(self._heartbeats(stop), name="voxbus-heartbeat")
+        self.ready.set()
+        try:
+            await self._claim_loop(stop)
+        finally:
+            await self._drain()
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            try:
+                await registry.deregister(redis, self.pool.name, self.id)
+            except TRANSIENT_ERRORS:
+                log.warning("could not deregister %s (Redis unreachable); its record expires by itself", self.id)
+            await handler.close()
+            await self.hub.close()
+            await self.publisher.close()
+            await redis.aclose()
+            log.info("worker %s: stopped", self.id)
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        next_reap = 0.0
+        block_ms = max(10, int(self.reap_interval_s * 1000))
+        while not stop.is_set():
+            try:
+                if self.free_slots <= 0:
+                    self._slot_freed.clear()
+                    await _wait_any(self._slot_freed, stop, timeout=self.reap_interval_s)
+                    continue
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + self.reap_interval_s
+                    for d in await self._reclaim(self.free_slots):
+                        self._start(d)
+                if self.free_slots > 0 and not stop.is_set():
+                    for d in await self.queue.read(self.free_slots, block_ms=block_ms):
+                        self._start(d)
+                backoff.reset()
+            except TRANSIENT_ERRORS as exc:
+                metrics.BUS_RECONNECTS.labels("worker").inc()
+                log.warning("worker %s: Redis error (%s); retrying", self.id, exc)
+                await backoff.sleep()
+
+    async def _reclaim(self, free: int) -> list[Delivery]:
+        """Jobs of dead consumers first (registry), then anything idle too long (XAUTOCLAIM)."""
+        out: list[Delivery] = []
+        live = await registry.live_worker_ids(self.redis, self.pool.name, self.ttl_s)
+        for c in await self.redis.xinfo_consumers(self.queue.key, self.queue.group):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name == self.id or name in live:
+                continue
+            if int(c["pending"]) == 0:
+                if int(c["idle"]) > 60_000:
+                    await self.redis.xgroup_delconsumer(self.queue.key, self.queue.group, name)
+                continue
+            taken = await self.queue.claim_from(name, free - len(out), min_idle_ms=int(self.ttl_s * 500))
+            if taken:
+                log.warning("worker %s: took over %d job(s) of dead consumer %s", self.id, len(taken), name)
+            out += taken
+            if len(out) >= free:
+                return out
+        out += await self.queue.reclaim(free - len(out))
+        return out
+
+    def _start(self, d: Delivery) -> None:
+        task = asyncio.create_task(self._execute(d), name=f"job-{d.entry_id}")
+        self.running[d.entry_id] = (task, d)
+        metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
+
+    async def _execute(self, d: Delivery) -> None:
+        job = d.job
+        stage = self.pool.stage
+        try:
+            watch = await self.hub.watch(job.session, job.turn)
+            try:
+                if watch.cancelled:
+                    outcome = Outcome.CANCELLED
+                    await self.publisher.publish(Keys.events(job.session), Cancelled(
+                        session=job.session, turn=job.turn, stage=stage, reason="skipped: turn cancelled before start"))
+                    metrics.JOBS.labels(*self._labels, "skipped").inc()
+                else:
+                    outcome = await self.handler.handle(job, watch)
+            finally:
+                self.hub.unwatch(watch)
+            await self.queue.ack(d.entry_id)
+            self.record.jobs_done += 1
+            metrics.JOBS.labels(*self._labels, outcome.value).inc()
+        except asyncio.CancelledError:
+            raise  # drain hands it back
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("worker %s: job %s (%s turn %d) failed", self.id, d.entry_id, job.session, job.turn)
+            metrics.JOBS.labels(*self._labels, "failed").inc()
+            try:
+                if await self.queue.fail(d, reason):
+                    metrics.JOBS.labels(*self._labels, "dead_lettered").inc()
+                    await self.publisher.publish(Keys.events(job.session), JobFailed(
+                        session=job.session, turn=job.turn, stage=stage, reason=reason[:500]))
+            except TRANSIENT_ERRORS:
+                log.warning("could not record failure of %s; it will be reclaimed", d.entry_id)
+        finally:
+            self.running.pop(d.entry_id, None)
+            metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
+            self._slot_freed.set()
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                self.record.slots_busy = len(self.running)
+                await registry.heartbeat(self.redis, self.record, self.ttl_s)
+                backoff.reset()
+                await asyncio.sleep(self.heartbeat_s)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("worker %s: heartbeat failed (%s)", self.id, exc)
+                await backoff.sleep()
+
+    async def _drain(self) -> None:
+        if not self.running:
+            return
+        tasks = [t for t, _ in self.running.values()]
+        log.info("worker %s: draining %d running job(s) (up to %.0fs)", self.id, len(tasks), self.drain_timeout_s)
+        await asyncio.wait(tasks, timeout=self.drain_timeout_s)
+        leftover = list(self.running.values())
+        for task, _ in leftover:
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in leftover), return_exceptions=True)
+        for _, d in leftover:
+            try:
+                await self.queue.release(d.entry_id)
+                metrics.JOBS.labels(*self._labels, "released").inc()
+            except TRANSIENT_ERRORS:
+                log.warning("could not hand back %s; it will be reclaimed after claim_idle_ms", d.entry_id)
+        self.running.clear()
+
+
+async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -1,0 +1,51 @@
+"""Stage handlers: the glue between a pool's jobs, the session streams and an engine.
+
+A handler loads its engine once and runs one job at a time per call to
+`handle`; the worker runtime (workers/runtime.py) decides how many run at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from shared.bus import BatchPublisher
+from shared.cancel import CancelWatch
+from shared.config import PoolConfig
+
+HANDLERS: dict[str, str] = {
+    "asr": "workers.stages.asr:AsrStage",
+    "llm": "workers.stages.llm:LlmStage",
+    "tts": "workers.stages.tts:TtsStage",
+}
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class StageContext:
+    redis: aioredis.Redis
+    publisher: BatchPublisher
+    pool: PoolConfig
+    worker_id: str
+
+
+class StageHandler(Protocol):
+    async def load(self) -> None: ...
+
+    async def handle(self, job: Any, watch: CancelWatch) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def create_handler(ctx: StageContext, engine: Any | None = None) -> StageHandler:
+    """The handler for `ctx.pool.stage`; `engine` overrides the configured one (tests, benches)."""
+    module, _, cls = HANDLERS[ctx.pool.stage].partition(":")
+    return getattr(importlib.import_module(module), cls)(ctx, engine)

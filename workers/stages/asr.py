@@ -1,0 +1,120 @@
+"""ASR stage: read an utterance's frames from audio.in by id range, transcribe, publish.
+
+Jobs carry references, not audio: [start_seq, end_seq] of the session's
+audio.in, read with one XRANGE thanks to explicit frame ids. Jobs that arrive
+together are transcribed as one batch (GPU engines batch them for real).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from shared import metrics
+from shared.cancel import CancelWatch
+from shared.protocol import (
+    AsrJob,
+    AudioFrame,
+    Keys,
+    ProtocolError,
+    Transcript,
+    TurnMark,
+    decode_entry,
+    frame_entry_id,
+)
+from workers import asr as asr_engines
+from workers.stages import Outcome, StageContext
+
+log = logging.getLogger("voxbus.stage.asr")
+
+
+class AsrStage:
+    def __init__(self, ctx: StageContext, engine: asr_engines.AsrEngine | None = None) -> None:
+        self.ctx = ctx
+        self.engine = engine or asr_engines.create(ctx.pool.engine, dict(ctx.pool.options))
+        self._batch: list[tuple[np.ndarray, str | None, asyncio.Future[asr_engines.AsrResult]]] = []
+        self._batch_task: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self.engine.load)
+
+    async def close(self) -> None:
+        if self._batch_task:
+            await asyncio.gather(self._batch_task, return_exceptions=True)
+
+    async def read_audio(self, job: AsrJob) -> np.ndarray:
+        """The job's frames as float32 samples; missing frames (trimmed, lost) become silence."""
+        entries = await self.ctx.redis.xrange(
+            Keys.audio_in(job.session), frame_entry_id(job.start_seq), frame_entry_id(job.end_seq)
+        )
+        expected = job.end_seq - job.start_seq + 1
+        pcm = bytearray()
+        got = 0
+        next_seq = job.start_seq
+        for _, fields in entries:
+            try:
+                frame = decode_entry(fields)
+            except ProtocolError as exc:
+                metrics.BUS_REJECTED.labels("audio.in", "malformed").inc()
+                log.warning("skipping malformed frame in %s: %s", job.session, exc)
+                continue
+            if not isinstance(frame, AudioFrame) or frame.session != job.session:
+                metrics.BUS_REJECTED.labels("audio.in", "unexpected").inc()
+                continue
+            if frame.seq > next_seq:  # a gap: keep timing by inserting silence
+                pcm += bytes(len(frame.pcm) * (frame.seq - next_seq))
+            pcm += frame.pcm
+            next_seq = frame.seq + 1
+            got += 1
+        if got < expected:
+            log.warning("session %s turn %d: %d of %d frames present", job.session, job.turn, got, expected)
+        return np.frombuffer(bytes(pcm), dtype=np.int16).astype(np.float32) / 32768.0
+
+    async def _transcribe(self, audio: np.ndarray, language: str | None) -> asr_engines.AsrResult:
+        fut: asyncio.Future[asr_engines.AsrResult] = asyncio.get_running_loop().create_future()
+        self._batch.append((audio, language, fut))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._run_batches())
+        return await fut
+
+    async def _run_batches(self) -> None:
+        await asyncio.sleep(0)  # let jobs that started in the same tick join the batch
+        while self._batch:
+            batch, self._batch = self._batch, []
+            language = batch[0][1]
+            try:
+                if len(batch) == 1:
+                    results = [await asyncio.to_thread(self.engine.transcribe, batch[0][0], language)]
+                else:
+                    results = await asyncio.to_thread(self.engine.transcribe_batch, [a for a, _, _ in batch], language)
+            except Exception as exc:
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, _, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    async def handle(self, job: AsrJob, watch: CancelWatch) -> Outcome:
+        t0 = time.perf_counter()
+        audio = await self.read_audio(job)
+        if audio.size == 0:
+            raise ValueError(f"no audio for frames {job.start_seq}..{job.end_seq} of session {job.session}")
+        result = await self._transcribe(audio, job.language)
+        asr_ms = (time.perf_counter() - t0) * 1000
+        if watch.cancelled:
+            return Outcome.CANCELLED
+        events = Keys.events(job.session)
+        pub = self.ctx.publisher
+        pub.publish_nowait(events, Transcript(
+            session=job.session, turn=job.turn, text=result.text, final=job.final,
+            start_seq=job.start_seq, end_seq=job.end_seq, asr_ms=asr_ms,
+        ))
+        if job.final:
+            pub.publish_nowait(events, TurnMark(session=job.session, turn=job.turn, stage="asr", mark="done", value_ms=asr_ms))
+        await pub.flush()
+        return Outcome.DONE

@@ -1,0 +1,90 @@
+"""LLM stage: build the turn's context from Redis and stream tokens as they decode.
+
+Every delta goes to the session's token stream at once (no waiting for
+sentences), with explicit (turn, seq) ids: a job re-run after a worker died
+regenerates the same deterministic tokens, and Redis refuses the ones that
+already landed, so the caller never sees a token twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shared import metrics
+from shared.cancel import CancelWatch
+from shared.protocol import (
+    Cancelled,
+    ChatMessage,
+    Keys,
+    LlmJob,
+    ProtocolError,
+    TokenChunk,
+    TurnMark,
+    decode_as,
+    output_entry_id,
+)
+from workers import llm as llm_engines
+from workers.stages import Outcome, StageContext
+
+log = logging.getLogger("voxbus.stage.llm")
+
+
+class LlmStage:
+    def __init__(self, ctx: StageContext, engine: llm_engines.LlmEngine | None = None) -> None:
+        self.ctx = ctx
+        self.engine = engine or llm_engines.create(ctx.pool.engine, dict(ctx.pool.options))
+
+    async def load(self) -> None:
+        await self.engine.load()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def context(self, session: str) -> list[ChatMessage]:
+        messages: list[ChatMessage] = []
+        for raw in await self.ctx.redis.lrange(Keys.ctx(session), 0, -1):
+            try:
+                messages.append(decode_as(raw, ChatMessage))
+            except ProtocolError as exc:
+                metrics.BUS_REJECTED.labels("ctx", "malformed").inc()
+                log.warning("skipping malformed context entry of %s: %s", session, exc)
+        return messages
+
+    async def handle(self, job: LlmJob, watch: CancelWatch) -> Outcome:
+        t0 = time.perf_counter()
+        messages = await self.context(job.session)
+        if not any(m.role == "user" for m in messages):
+            raise ValueError(f"session {job.session} has no user message in its context")
+        key = Keys.tokens(job.session)
+        pub = self.ctx.publisher
+        seq = 0
+        stream = self.engine.stream(
+            messages, request_id=f"{job.session}-{job.turn}", max_tokens=job.max_tokens, watch=watch
+        )
+        try:
+            async for delta in stream:
+                if watch.cancelled:
+                    break
+                if not delta:
+                    continue
+                if seq == 0:
+                    ttft = (time.perf_counter() - t0) * 1000
+                    pub.publish_nowait(Keys.events(job.session), TurnMark(
+                        session=job.session, turn=job.turn, stage="llm", mark="ttft", value_ms=ttft))
+                pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text=delta),
+                                   entry_id=output_entry_id(job.turn, seq))
+                seq += 1
+        finally:
+            await stream.aclose()
+        if watch.cancelled:
+            await pub.publish(Keys.events(job.session), Cancelled(
+                session=job.session, turn=job.turn, stage="llm", reason=watch.reason or "cancel"))
+            return Outcome.CANCELLED
+        pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text="", final=True),
+                           entry_id=output_entry_id(job.turn, seq))
+        total = (time.perf_counter() - t0) * 1000
+        pub.publish_nowait(Keys.events(job.session), TurnMark(
+            session=job.session, turn=job.turn, stage="llm", mark="done", value_ms=total))
+        await pub.flush()
+        return Outcome.DONE

@@ -1,0 +1,136 @@
+"""TTS stage: follow the turn's token stream and speak clause by clause.
+
+Speech starts at the first clause boundary, not at the end of the reply.
+Audio goes to the session's audio.out stream in chunks of at most
+`CHUNK_MS` with explicit (turn, seq) ids; a cancel stops synthesis between
+chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+
+from shared import metrics
+from shared.cancel import CancelWatch
+from shared.protocol import (
+    AudioOut,
+    Cancelled,
+    Keys,
+    ProtocolError,
+    TokenChunk,
+    TtsJob,
+    TurnMark,
+    decode_entry,
+    output_entry_id,
+    turn_start_exclusive,
+)
+from workers import tts as tts_engines
+from workers.stages import Outcome, StageContext
+from workers.tts.clauses import ClauseBuffer
+
+log = logging.getLogger("voxbus.stage.tts")
+
+CHUNK_MS = 200
+TOKEN_WAIT_S = 30.0  # an LLM job being retried after a crash may take a while
+_POLL_MS = 50
+_END = object()
+
+
+class TtsStage:
+    def __init__(self, ctx: StageContext, engine: tts_engines.TtsEngine | None = None) -> None:
+        self.ctx = ctx
+        self.engine = engine or tts_engines.create(ctx.pool.engine, dict(ctx.pool.options))
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self.engine.load)
+
+    async def close(self) -> None:
+        return None
+
+    async def tokens(self, job: TtsJob, watch: CancelWatch) -> AsyncIterator[str]:
+        """The turn's token texts as they arrive, until the final chunk (or cancel)."""
+        key = Keys.tokens(job.session)
+        last = turn_start_exclusive(job.turn)
+        waited = 0.0
+        expect = 0
+        while not watch.cancelled:
+            reply = await self.ctx.redis.xread({key: last}, count=256, block=_POLL_MS)
+            if not reply:
+                waited += _POLL_MS / 1000
+                if waited > TOKEN_WAIT_S:
+                    raise TimeoutError(f"no tokens for turn {job.turn} of {job.session} in {TOKEN_WAIT_S:.0f}s")
+                continue
+            waited = 0.0
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                try:
+                    chunk = decode_entry(fields)
+                except ProtocolError:
+                    metrics.BUS_REJECTED.labels("tokens", "malformed").inc()
+                    continue
+                if not isinstance(chunk, TokenChunk) or chunk.turn != job.turn:
+                    return  # a later turn began: this one is over
+                if chunk.seq < expect:
+                    continue  # duplicate
+                expect = chunk.seq + 1
+                if chunk.text:
+                    yield chunk.text
+                if chunk.final:
+                    return
+
+    async def clauses(self, job: TtsJob, watch: CancelWatch) -> AsyncIterator[str]:
+        buf = ClauseBuffer()
+        if job.text is not None:
+            for clause in buf.push(job.text):
+                yield clause
+        else:
+            async for text in self.tokens(job, watch):
+                for clause in buf.push(text):
+                    yield clause
+        rest = buf.flush()
+        if rest:
+            yield rest
+
+    async def handle(self, job: TtsJob, watch: CancelWatch) -> Outcome:
+        t0 = time.perf_counter()
+        key = Keys.audio_out(job.session)
+        pub = self.ctx.publisher
+        rate = self.engine.sample_rate
+        max_samples = rate * CHUNK_MS // 1000
+        seq = 0
+        async for clause in self.clauses(job, watch):
+            gen: Iterator[np.ndarray] = self.engine.synthesize(clause, job.voice)
+            while not watch.cancelled:
+                audio = await asyncio.to_thread(next, gen, _END)
+                if audio is _END:
+                    break
+                pcm = np.asarray(audio, dtype=np.int16)
+                for start in range(0, len(pcm), max_samples):
+                    if watch.cancelled:
+                        break
+                    if seq == 0:
+                        pub.publish_nowait(Keys.events(job.session), TurnMark(
+                            session=job.session, turn=job.turn, stage="tts", mark="first_audio",
+                            value_ms=(time.perf_counter() - t0) * 1000))
+                    pub.publish_nowait(key, AudioOut(
+                        session=job.session, turn=job.turn, seq=seq, rate=rate,
+                        pcm=pcm[start:start + max_samples].tobytes()), entry_id=output_entry_id(job.turn, seq))
+                    seq += 1
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+            if watch.cancelled:
+                break
+        if watch.cancelled:
+            await pub.publish(Keys.events(job.session), Cancelled(
+                session=job.session, turn=job.turn, stage="tts", reason=watch.reason or "cancel"))
+            return Outcome.CANCELLED
+        pub.publish_nowait(key, AudioOut(session=job.session, turn=job.turn, seq=seq, rate=rate, pcm=b"", final=True),
+                           entry_id=output_entry_id(job.turn, seq))
+        await pub.flush()
+        return Outcome.DONE
