@@ -24,3 +24,11 @@ JOBS = Counter("voxbus_jobs_total", "Jobs by outcome", ["pool", "stage", "gpu_ty
 JOBS_RECLAIMED = Counter("voxbus_jobs_reclaimed_total", "Jobs reclaimed from other consumers", ["pool"])
 SLOTS_BUSY = Gauge("voxbus_worker_slots_busy", "Busy job slots", ["pool", "stage", "gpu_type"])
 SLOTS_TOTAL = Gauge("voxbus_worker_slots_total", "Job slots", ["pool", "stage", "gpu_type"])
+
+# --- bridge ---
+ACTIVE_SESSIONS = Gauge("voxbus_active_sessions", "Live calls on this bridge")
+SESSIONS_REJECTED = Counter("voxbus_sessions_rejected_total", "Calls refused", ["reason"])
+BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
+FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
+CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])
+INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)

@@ -317,9 +317,11 @@ class AudioOut(Message, tag="audio.out/1"):
     pcm: bytes
     rate: int
     final: bool = False
+    text: str = ""  # set on the first chunk of each clause: what this audio says
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_text(self.text, "clause text")
         if not 8_000 <= self.rate <= 48_000:
             raise ValueError(f"agent audio rate {self.rate} Hz outside 8000..48000")
         if len(self.pcm) > MAX_OUT_CHUNK_BYTES or len(self.pcm) % 2:

@@ -105,6 +105,7 @@ class TtsStage:
         seq = 0
         async for clause in self.clauses(job, watch):
             gen: Iterator[np.ndarray] = self.engine.synthesize(clause, job.voice)
+            label = clause
             while not watch.cancelled:
                 audio = await asyncio.to_thread(next, gen, _END)
                 if audio is _END:
@@ -119,7 +120,8 @@ class TtsStage:
                             value_ms=(time.perf_counter() - t0) * 1000))
                     pub.publish_nowait(key, AudioOut(
                         session=job.session, turn=job.turn, seq=seq, rate=rate,
-                        pcm=pcm[start:start + max_samples].tobytes()), entry_id=output_entry_id(job.turn, seq))
+                        pcm=pcm[start:start + max_samples].tobytes(), text=label), entry_id=output_entry_id(job.turn, seq))
+                    label = ""
                     seq += 1
             close = getattr(gen, "close", None)
             if close is not None:

@@ -1,0 +1,180 @@
+"""The bridge process core: its sessions, the ingest tick and the stream reader.
+
+Every 20 ms one tick takes the new caller frames of ALL sessions, publishes
+them in one pipelined round trip, and runs VAD over all of them in one batched
+inference (in a thread). One reader task follows every session's events,
+tokens and audio.out streams through one multiplexed XREAD and hands each
+message to its session. Transports (WebRTC, LiveKit) only open sessions, push
+caller audio and pull agent frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from shared import metrics
+from shared.bus import BatchPublisher, StreamMux, session_of
+from shared.config import Config
+from shared.protocol import AudioFrame, ChatMessage, Keys, SessionMeta, encode, frame_entry_id, validate_session_id
+from shared.redis_conn import connect, wait_ready
+from shared.routing import Router
+
+from .session import CallSession, ClientSink
+from .vad import create as create_vad
+from .vad.segmenter import BatchVad, EndpointConfig
+
+log = logging.getLogger("voxbus.bridge")
+
+TICK_S = 0.02
+SESSION_TTL_S = 24 * 3600
+
+
+class TooManySessions(RuntimeError):
+    pass
+
+
+class Bridge:
+    def __init__(self, redis_url: str, config: Config, *, vad_engine: Any | None = None) -> None:
+        self.redis_url = redis_url
+        self.config = config
+        self.sessions: dict[str, CallSession] = {}
+        self._vad_engine = vad_engine
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._spawned: set[asyncio.Task[Any]] = set()
+        # VAD state is touched by the tick's thread: sessions join and leave it between ticks
+        self._vad_changes: list[tuple[str, bool]] = []
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self.redis = connect(self.redis_url)
+        await wait_ready(self.redis, 30, self.redis_url)
+        self.publisher = BatchPublisher(self.redis)
+        self.router = Router(self.redis, self.config)
+        self.mux = StreamMux(self.redis, block_ms=20)
+        engine = self._vad_engine or create_vad("silero", {})
+        b = self.config.bridge
+        self.vad = BatchVad(engine, EndpointConfig(
+            threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms, min_silence_ms=b.min_silence_ms,
+            speech_pad_ms=b.speech_pad_ms))
+        self._tasks = [asyncio.create_task(self._ingest_loop(), name="bridge-ingest"),
+                       asyncio.create_task(self._reader_loop(), name="bridge-reader")]
+        self.started.set()
+
+    async def stop(self) -> None:
+        for sid in list(self.sessions):
+            await self.close_session(sid)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        await self.publisher.close()
+        await self.redis.aclose()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a Redis side effect without blocking the caller; errors are logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawn_done)
+
+    def _spawn_done(self, task: asyncio.Task[Any]) -> None:
+        self._spawned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("bridge background operation failed: %s", task.exception())
+
+    async def open_session(self, sid: str | None = None, *, pools: dict[str, str] | None = None,
+                           sink: ClientSink | None = None, transport: str = "webrtc", out_rate: int = 48_000) -> CallSession:
+        if len(self.sessions) >= self.config.bridge.max_sessions:
+            metrics.SESSIONS_REJECTED.labels("max_sessions").inc()
+            raise TooManySessions(f"bridge is at its limit of {self.config.bridge.max_sessions} sessions")
+        sid = validate_session_id(sid or uuid.uuid4().hex[:16])
+        if sid in self.sessions:
+            raise ValueError(f"session {sid} already exists")
+        for stage, pool in (pools or {}).items():
+            if self.config.pool(pool).stage != stage:
+                raise ValueError(f"pool {pool!r} does not serve stage {stage!r}")
+        session = CallSession(self, sid, pools=pools, sink=sink, out_rate=out_rate)
+        meta = SessionMeta(session=sid, transport=transport, pools=pools or {})
+        system = ChatMessage(session=sid, role="system", text=self.config.bridge.system_prompt)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(Keys.meta(sid), encode(meta), ex=SESSION_TTL_S)
+        pipe.delete(Keys.ctx(sid))
+        pipe.rpush(Keys.ctx(sid), encode(system))
+        pipe.expire(Keys.ctx(sid), SESSION_TTL_S)
+        pipe.zadd(Keys.SESSIONS, {sid: time.time()})
+        await pipe.execute()
+        for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
+            await self.mux.add(key, "0-0")
+        self._vad_changes.append((sid, True))
+        self.sessions[sid] = session
+        metrics.ACTIVE_SESSIONS.set(len(self.sessions))
+        log.info("session %s opened (%s)", sid, transport)
+        return session
+
+    async def close_session(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        session.closed = True
+        self._vad_changes.append((sid, False))
+        for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
+            self.mux.remove(key)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in [*Keys.session_streams(sid), Keys.ctx(sid)]:
+            pipe.expire(key, SESSION_TTL_S)
+        await pipe.execute()
+        metrics.ACTIVE_SESSIONS.set(len(self.sessions))
+        log.info("session %s closed", sid)
+
+    async def _ingest_loop(self) -> None:
+        next_tick = time.monotonic()
+        while True:
+            next_tick += TICK_S
+            t0 = time.perf_counter()
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("ingest tick failed")
+            metrics.INGEST_TICK_MS.observe((time.perf_counter() - t0) * 1000)
+            delay = next_tick - time.monotonic()
+            if delay < -1.0:  # far behind (e.g. suspended): skip ahead instead of bursting
+                next_tick = time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+
+    async def _tick(self) -> None:
+        changes, self._vad_changes = self._vad_changes, []
+        for sid, joined in changes:
+            if joined:
+                self.vad.add(sid)
+            elif sid in self.vad:
+                self.vad.remove(sid)
+        pushed = False
+        for sid, session in self.sessions.items():
+            if sid not in self.vad:
+                continue
+            for seq, pcm, ts in session.take_frames():
+                self.publisher.publish_nowait(Keys.audio_in(sid), AudioFrame(session=sid, seq=seq, pcm=pcm, ts=ts),
+                                              entry_id=frame_entry_id(seq))
+                self.vad.push(sid, seq, pcm)
+                pushed = True
+        if pushed:
+            for sid, event in await asyncio.to_thread(self.vad.process):
+                session = self.sessions.get(sid)
+                if session is not None:
+                    await session.on_vad(event)
+        now = time.time()
+        for session in list(self.sessions.values()):
+            session.tick(now)
+
+    async def _reader_loop(self) -> None:
+        async for received in self.mux:
+            session = self.sessions.get(session_of(received.key) or "")
+            if session is None:
+                continue
+            try:
+                await session.on_message(received.msg)
+            except Exception:
+                log.exception("session %s failed to handle %s", session.id, type(received.msg).__name__)
