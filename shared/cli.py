@@ -11,12 +11,23 @@ import importlib
 import logging
 import sys
 
-# name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
+# name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`;
+# "module:x" names `add_x_arguments` / `run_x` instead (several commands in one module).
 COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("shared.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
     "demo": ("shared.selfcheck", "run the main job (until the bridge lands: the bus self-check)"),
     "worker": ("workers.cli", "run one pool's worker process (ASR, LLM or TTS)"),
+    "exporter": ("shared.exporter", "export per-pool queue depth, lag and workers to Prometheus"),
+    "top": ("shared.top", "live terminal view of pools, workers, queues and sessions"),
+    "record": ("shared.recording", "export a session (its streams and context) to one file"),
+    "sessions": ("shared.recording:sessions", "list recent sessions with duration, turns and outcome"),
 }
+
+
+def _entry(target: str, pattern: str):
+    module, _, suffix = target.partition(":")
+    name = pattern.format(f"{suffix}_" if suffix else "").rstrip("_")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        mod = importlib.import_module(module)
-        mod.add_arguments(p)
+        _entry(module, "add_{}arguments")(p)
     return parser
 
 
@@ -39,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(_entry(args._module, "run_{}")(args) or 0)
     except KeyboardInterrupt:
         return 130
 

@@ -394,6 +394,9 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     started: float = msgspec.field(default_factory=now)
     heartbeat: float = msgspec.field(default_factory=now)
     jobs_done: int = 0
+    job_p50_ms: float = 0.0  # over the worker's recent jobs
+    job_p99_ms: float = 0.0
+    wait_p95_ms: float = 0.0  # queue wait (enqueue to start) of recent jobs
 
 
 AnyMessage = Union[
