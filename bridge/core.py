@@ -158,8 +158,11 @@ class Bridge:
             for seq, pcm, ts in session.take_frames():
                 self.publisher.publish_nowait(Keys.audio_in(sid), AudioFrame(session=sid, seq=seq, pcm=pcm, ts=ts),
                                               entry_id=frame_entry_id(seq))
-                self.vad.push(sid, seq, pcm)
-                pushed = True
+                try:
+                    self.vad.push(sid, seq, pcm)
+                    pushed = True
+                except ValueError as exc:  # one bad frame must not cost the other sessions their tick
+                    log.warning("session %s: VAD rejected frame %d: %s", sid, seq, exc)
         if pushed:
             for sid, event in await asyncio.to_thread(self.vad.process):
                 session = self.sessions.get(sid)
