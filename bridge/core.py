@@ -48,6 +48,7 @@ class Bridge:
         self._spawned: set[asyncio.Task[Any]] = set()
         # VAD state is touched by the tick's thread: sessions join and leave it between ticks
         self._vad_changes: list[tuple[str, bool]] = []
+        self._opening: set[str] = set()  # ids between the limit check and the session's creation
         self.started = asyncio.Event()
 
     async def start(self) -> None:
@@ -87,11 +88,11 @@ class Bridge:
 
     async def open_session(self, sid: str | None = None, *, pools: dict[str, str] | None = None,
                            sink: ClientSink | None = None, transport: str = "webrtc", out_rate: int = 48_000) -> CallSession:
-        if len(self.sessions) >= self.config.bridge.max_sessions:
+        if len(self.sessions) + len(self._opening) >= self.config.bridge.max_sessions:
             metrics.SESSIONS_REJECTED.labels("max_sessions").inc()
             raise TooManySessions(f"bridge is at its limit of {self.config.bridge.max_sessions} sessions")
         sid = validate_session_id(sid or uuid.uuid4().hex[:16])
-        if sid in self.sessions:
+        if sid in self.sessions or sid in self._opening:
             raise ValueError(f"session {sid} already exists")
         for stage, pool in (pools or {}).items():
             if self.config.pool(pool).stage != stage:
@@ -99,15 +100,19 @@ class Bridge:
         session = CallSession(self, sid, pools=pools, sink=sink, out_rate=out_rate)
         meta = SessionMeta(session=sid, transport=transport, pools=pools or {})
         system = ChatMessage(session=sid, role="system", text=self.config.bridge.system_prompt)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(Keys.meta(sid), encode(meta), ex=SESSION_TTL_S)
-        pipe.delete(Keys.ctx(sid))
-        pipe.rpush(Keys.ctx(sid), encode(system))
-        pipe.expire(Keys.ctx(sid), SESSION_TTL_S)
-        pipe.zadd(Keys.SESSIONS, {sid: time.time()})
-        await pipe.execute()
-        for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
-            await self.mux.add(key, "0-0")
+        self._opening.add(sid)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(Keys.meta(sid), encode(meta), ex=SESSION_TTL_S)
+            pipe.delete(Keys.ctx(sid))
+            pipe.rpush(Keys.ctx(sid), encode(system))
+            pipe.expire(Keys.ctx(sid), SESSION_TTL_S)
+            pipe.zadd(Keys.SESSIONS, {sid: time.time()})
+            await pipe.execute()
+            for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
+                await self.mux.add(key, "0-0")
+        finally:
+            self._opening.discard(sid)
         self._vad_changes.append((sid, True))
         self.sessions[sid] = session
         metrics.ACTIVE_SESSIONS.set(len(self.sessions))

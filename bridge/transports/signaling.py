@@ -1,0 +1,105 @@
+"""HTTP side of the direct WebRTC transport (aiohttp): signaling API, page, health.
+
+- POST /v1/offer  (Authorization: Bearer <token>)
+      body   {"sdp": str, "type": "offer", "session_id"?: str, "pools"?: {stage: pool}}
+      200    {"sdp": str, "type": "answer", "session_id": str, "ice_servers": [...]}
+      400 bad body/offer, 401 no or wrong token, 409 session id taken, 503 bridge full;
+      errors are JSON {"error": code, "message": text}.
+- GET /v1/config  (bearer) -> {"ice_servers": [...], "jitter_target_ms": int}
+- GET /healthz    -> {"ok": true, "sessions": n, "max_sessions": m}
+- GET /           -> the caller page; GET /static/* -> its scripts and styles.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import rtc_setup
+
+if TYPE_CHECKING:
+    from .webrtc import WebRtcTransport
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+MAX_BODY_BYTES = 256 * 1024
+MAX_SDP_CHARS = 64 * 1024
+TRANSPORT_KEY: web.AppKey[WebRtcTransport] = web.AppKey("voxbus_webrtc_transport")
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def authorized(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _unauthorized() -> web.Response:
+    return error(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
+                 {"WWW-Authenticate": 'Bearer realm="voxbus"'})
+
+
+async def offer(request: web.Request) -> web.Response:
+    from .webrtc import OfferError
+
+    transport = request.app[TRANSPORT_KEY]
+    if not authorized(request, transport.token):
+        return _unauthorized()
+    try:
+        body: Any = await request.json()
+    except ValueError:
+        return error(400, "bad_json", "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return error(400, "bad_json", "the body must be a JSON object")
+    sdp, kind, sid, pools = body.get("sdp"), body.get("type"), body.get("session_id"), body.get("pools")
+    if not isinstance(sdp, str) or not sdp.strip() or len(sdp) > MAX_SDP_CHARS:
+        return error(400, "bad_request", f"'sdp' must be a non-empty string of at most {MAX_SDP_CHARS} characters")
+    if kind != "offer":
+        return error(400, "bad_request", "'type' must be \"offer\"")
+    if sid is not None and not isinstance(sid, str):
+        return error(400, "bad_request", "'session_id' must be a string")
+    if pools is not None and not (isinstance(pools, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in pools.items())):
+        return error(400, "bad_request", "'pools' must map stage names to pool names")
+    try:
+        call, answer = await transport.accept_offer(sdp, sid, pools)
+    except OfferError as exc:
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return error(exc.status, exc.error, exc.message, headers)
+    return web.json_response({"sdp": answer, "type": "answer", "session_id": call.id,
+                              "ice_servers": rtc_setup.ice_servers_json(transport.ice_servers)})
+
+
+async def client_config(request: web.Request) -> web.Response:
+    transport = request.app[TRANSPORT_KEY]
+    if not authorized(request, transport.token):
+        return _unauthorized()
+    return web.json_response({"ice_servers": rtc_setup.ice_servers_json(transport.ice_servers),
+                              "jitter_target_ms": transport.cfg.jitter_target_ms})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    bridge = request.app[TRANSPORT_KEY].bridge
+    return web.json_response({"ok": bridge.started.is_set(), "sessions": len(bridge.sessions),
+                              "max_sessions": bridge.config.bridge.max_sessions})
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+
+def build_app(transport: WebRtcTransport) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[TRANSPORT_KEY] = transport
+    app.router.add_post("/v1/offer", offer)
+    app.router.add_get("/v1/config", client_config)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", page)
+    app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
+    return app

@@ -1,0 +1,1 @@
+"""Browser tests: the caller page in headless Chromium (pytest marker `browser`)."""

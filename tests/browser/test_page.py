@@ -1,0 +1,116 @@
+"""The caller page in headless Chromium: fake-mic speech in, one full turn, agent audio out.
+
+Debian's /usr/bin/chromium driven by PyPI playwright (never `playwright install`);
+the bridge and the worker processes are the ones tests/bridge uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from engines.speech import pad_silence, synthesize_16k, wer
+
+CHROMIUM = Path("/usr/bin/chromium")
+QUESTION = "What is the capital of France?"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's /usr/bin/chromium (apt-get install chromium)"),
+]
+
+
+def _bridge_helpers() -> ModuleType:
+    """tests/bridge/conftest.py, loaded under its own name (a conftest cannot be imported by path otherwise)."""
+    name = "voxbus_bridge_test_helpers"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bridge" / "conftest.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+helpers = _bridge_helpers()
+
+
+def write_wav(path: Path, pcm16k: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes(pcm16k.astype("<i2").tobytes())
+
+
+def chromium_flags(wav: Path) -> list[str]:
+    return [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Any]:
+    workers = helpers.shared_workers(request, redis_url)
+    async with helpers.running_bridge(redis_url, workers.config()) as pair:
+        yield pair
+
+
+async def test_page_completes_a_turn(stack: Any, tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    bridge, transport = stack
+    wav = tmp_path / "question.wav"
+    # 1.5 s of silence while the page connects, the question, then silence (the file is not looped)
+    write_wav(wav, pad_silence(synthesize_16k(QUESTION), 1.5, 20.0))
+    console: list[str] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=chromium_flags(wav))
+        try:
+            page = await browser.new_page()
+            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+            page.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
+            await page.goto(f"{transport.url}?token={helpers.TOKEN}")
+            await page.click("#call")
+            try:
+                await page.wait_for_function("window.voxbus.userTranscripts.length > 0", timeout=90_000)
+                await page.wait_for_function("window.voxbus.agentAudioTicks >= 10", timeout=90_000)
+                await page.wait_for_function("window.voxbus.metrics.some(m => m.response_ms != null)", timeout=60_000)
+            except Exception:
+                vb = await page.evaluate("JSON.stringify(window.voxbus)")
+                pytest.fail(f"the page did not complete a turn; window.voxbus={vb}\nconsole:\n" + "\n".join(console[-30:]))
+            vb = await page.evaluate("window.voxbus")
+            if os.environ.get("VOXBUS_TEST_SCREENSHOT"):
+                await page.screenshot(path=os.environ["VOXBUS_TEST_SCREENSHOT"], full_page=True)
+            shown = await page.inner_text("#conversation")
+            bars = await page.locator("#waterfall .row .seg").count()
+        finally:
+            await browser.close()
+
+    heard = vb["userTranscripts"][0]
+    print(f"\npage: transcript {heard!r} (WER {wer(QUESTION, heard):.2f}); agent audible for "
+          f"{vb['agentAudioTicks'] * 20} ms (peak RMS {vb['agentPeak']:.3f}); {vb['tokenMessages']} token messages; "
+          f"state {vb['state']}")
+    assert wer(QUESTION, heard) <= 0.2, heard
+    assert heard in shown, shown
+    assert vb["agentAudioTicks"] >= 10 and vb["agentPeak"] > 0.01
+    assert vb["tokenMessages"] > 0 and bars >= 5
+    assert not [e for e in vb["errors"]], vb["errors"]
+    assert not [line for line in console if line.startswith("pageerror")], console
