@@ -27,20 +27,16 @@ import tempfile
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import av
-import numpy as np
 import pytest
 import redis as sync_redis
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 
-from bridge.audio import Resampler
+from bridge import caller
+from bridge.caller import SILENCE_RMS, OfferRefused, SpeechTrack  # noqa: F401 (re-exported for the tests)
 from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
@@ -51,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 WORKER_START_TIMEOUT_S = 240.0
 _TIME_BASE = fractions.Fraction(1, 48_000)
-SILENCE_RMS = 30.0  # decoded Opus of digital silence stays far below this; speech is far above
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -221,144 +216,8 @@ async def delete_session_keys(redis_url: str, sids: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- client peer
 
-class SpeechTrack(MediaStreamTrack):
-    """A microphone that plays queued 16 kHz clips in real time (48 kHz mono frames), then silence."""
+class RtcClient(caller.RtcClient):
+    """The product's simulated caller (bridge/caller.py) with the tests' token by default."""
 
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._queue = np.zeros(0, dtype=np.int16)
-        self._start: float | None = None
-        self._pts = 0
-        self.playing_until = 0.0  # wall clock at which the queued audio ends
-
-    def play(self, pcm16k: np.ndarray) -> None:
-        up = Resampler(16_000, 48_000)
-        pcm = np.concatenate([up.push(pcm16k), up.flush()])
-        self._queue = np.concatenate([self._queue, pcm])
-        self.playing_until = max(self.playing_until, time.time()) + len(self._queue) / 48_000
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            self._pts += 960
-            delay = self._start + self._pts / 48_000 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        chunk, self._queue = self._queue[:960], self._queue[960:]
-        if len(chunk) < 960:
-            chunk = np.concatenate([chunk, np.zeros(960 - len(chunk), dtype=np.int16)])
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self._pts
-        frame.time_base = _TIME_BASE
-        return frame
-
-
-
-class OfferRefused(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(f"HTTP {status}: {body}")
-        self.status, self.body = status, body
-
-
-class RtcClient:
-    """A caller peer: mic track, the two client-created channels, agent audio recorder."""
-
-    def __init__(self, base_url: str, token: str | None = TOKEN) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.mic = SpeechTrack()
-        self.pc.addTrack(self.mic)
-        self.tokens_ch = self.pc.createDataChannel("llm_tokens", ordered=False, maxRetransmits=0)
-        self.control_ch = self.pc.createDataChannel("control")
-        self.control: list[tuple[float, dict[str, Any]]] = []
-        self.tokens: list[tuple[float, dict[str, Any]]] = []
-        self.audio: list[tuple[float, float]] = []  # (arrival wall clock, RMS) per received frame
-        self.session_id = ""
-        self.answer_sdp = ""
-        self.offer_sdp = ""
-        self._tasks: list[asyncio.Task[None]] = []
-        self._changed = asyncio.Event()
-        self.control_ch.on("message", lambda m: self._record(self.control, m))
-        self.tokens_ch.on("message", lambda m: self._record(self.tokens, m))
-        self.pc.on("track", self._on_track)
-
-    def _record(self, into: list[tuple[float, dict[str, Any]]], raw: str | bytes) -> None:
-        into.append((time.time(), json.loads(raw)))
-        self._changed.set()
-
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        self._tasks.append(asyncio.ensure_future(self._read_audio(track)))
-
-    async def _read_audio(self, track: MediaStreamTrack) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            pcm = frame.to_ndarray().astype(np.float64)
-            self.audio.append((time.time(), float(np.sqrt(np.mean(pcm**2))) if pcm.size else 0.0))
-            self._changed.set()
-
-    async def connect(self, session_id: str | None = None, **extra: Any) -> dict[str, Any]:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        self.offer_sdp = self.pc.localDescription.sdp
-        body = {"sdp": self.offer_sdp, "type": "offer", **extra}
-        if session_id is not None:
-            body["session_id"] = session_id
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.base_url}/v1/offer", json=body, headers=headers) as resp:
-                answer = await resp.json()
-                if resp.status != 200:
-                    raise OfferRefused(resp.status, answer)
-        self.session_id, self.answer_sdp = answer["session_id"], answer["sdp"]
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
-        return answer
-
-    async def wait_open(self, timeout: float = 20.0) -> None:
-        await self.wait_for(lambda: self.control_ch.readyState == "open" and self.tokens_ch.readyState == "open",
-                            timeout, "data channels open")
-
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; control: "
-                                     f"{[m for _, m in self.control][-12:]}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.1))
-
-    def controls(self, kind: str) -> list[dict[str, Any]]:
-        return [m for _, m in self.control if m.get("type") == kind]
-
-    def send(self, msg: dict[str, Any] | str | bytes) -> None:
-        self.control_ch.send(json.dumps(msg) if isinstance(msg, dict) else msg)
-
-    async def ping(self, ping_id: int, timeout: float = 10.0) -> dict[str, Any]:
-        """Round trip on `control`: everything sent before it has been handled when the pong comes."""
-        self.send({"type": "ping", "id": ping_id})
-        return await self.wait_for(lambda: next((m for m in self.controls("pong") if m.get("id") == ping_id), None),
-                                   timeout, f"pong {ping_id}")
-
-    def audio_frames(self, since: float = 0.0) -> list[tuple[float, float]]:
-        """Received frames carrying sound (not silence) that arrived after `since`."""
-        return [(t, rms) for t, rms in self.audio if t > since and rms > SILENCE_RMS]
-
-    async def close(self) -> None:
-        self.mic.stop()
-        await self.pc.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    def __init__(self, base_url: str, token: str | None = TOKEN, **kwargs: Any) -> None:
+        super().__init__(base_url, token, **kwargs)
