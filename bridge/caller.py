@@ -102,7 +102,8 @@ class OfferRefused(Exception):
 class RtcClient:
     """A caller peer: mic track, the two client-created channels, agent audio recorder."""
 
-    def __init__(self, base_url: str, token: str | None, *, keep_audio: bool = False) -> None:
+    def __init__(self, base_url: str, token: str | None, *, keep_audio: bool = False,
+                 jitter_target_ms: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -114,6 +115,7 @@ class RtcClient:
         self.tokens: list[tuple[float, dict[str, Any]]] = []
         self.audio: list[tuple[float, float]] = []  # (arrival wall clock, RMS) per received frame
         self.keep_audio = keep_audio
+        self.jitter_target_ms = jitter_target_ms  # None: aiortc's default (~80 ms)
         self.pcm: list[np.ndarray] = []  # received agent audio, 48 kHz mono, when keep_audio
         self.session_id = ""
         self.answer_sdp = ""
@@ -129,6 +131,12 @@ class RtcClient:
         self._changed.set()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        if self.jitter_target_ms is not None:
+            from .transports.rtc_setup import set_jitter_target
+
+            for transceiver in self.pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    set_jitter_target(transceiver.receiver, self.jitter_target_ms)
         self._tasks.append(asyncio.ensure_future(self._read_audio(track)))
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:

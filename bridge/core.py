@@ -61,7 +61,8 @@ class Bridge:
         b = self.config.bridge
         self.vad = BatchVad(engine, EndpointConfig(
             threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms, min_silence_ms=b.min_silence_ms,
-            speech_pad_ms=b.speech_pad_ms))
+            speech_pad_ms=b.speech_pad_ms,
+            pause_ms=b.preemptive_pause_ms if 0 < b.preemptive_pause_ms < b.min_silence_ms else None))
         self._tasks = [asyncio.create_task(self._ingest_loop(), name="bridge-ingest"),
                        asyncio.create_task(self._reader_loop(), name="bridge-reader")]
         self.started.set()

@@ -65,6 +65,7 @@ class Playout:
         self.turns: dict[int, TurnAudio] = {}
         self.min_turn = 0  # chunks of turns below this were cancelled
         self.paused = False
+        self.hold_from: int | None = None  # frames of this turn and later wait (a turn not yet confirmed)
         self.cancelled_at: float | None = None
         self.stale_frames = 0  # frames of a cancelled turn handed out after its cancel (must stay 0)
         self.frames_sent = 0
@@ -115,6 +116,8 @@ class Playout:
         """The frame to send now, or None (send silence)."""
         if self.paused or not self._frames:
             return None
+        if self.hold_from is not None and self._frames[0].turn >= self.hold_from:
+            return None
         frame = self._frames.popleft()
         ta = self.turns.get(frame.turn)
         if ta is not None:
@@ -147,6 +150,13 @@ class Playout:
     @property
     def queued(self) -> int:
         return len(self._frames)
+
+    @property
+    def audible(self) -> int:
+        """Queued frames that are not held back (what the caller is hearing or about to)."""
+        if self.hold_from is None:
+            return len(self._frames)
+        return sum(1 for f in self._frames if f.turn < self.hold_from)
 
     def heard_text(self, turn: int) -> str:
         ta = self.turns.get(turn)

@@ -18,7 +18,6 @@ Barge-in:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import time
@@ -41,6 +40,7 @@ from shared.protocol import (
     Keys,
     LlmJob,
     SpeechEnd,
+    SpeechPause,
     SpeechStart,
     TokenChunk,
     Transcript,
@@ -101,6 +101,12 @@ class TurnTimes:
     heard_text: str = ""
     interrupted: bool = False
     overflow: list[str] = field(default_factory=list)
+    tts_first_clause_ms: float = 0.0  # TTS job start -> first clause of tokens ready
+    hops: dict[str, float] = field(default_factory=dict)  # Redis hops on the critical path, ms
+
+    @property
+    def bus_overhead_ms(self) -> float:
+        return sum(self.hops.values())
 
     def waterfall(self) -> dict[str, Any]:
         resp = (self.first_audio_ts - self.endpoint_ts) * 1000 if self.first_audio_ts and self.endpoint_ts else None
@@ -109,8 +115,23 @@ class TurnTimes:
             "llm_ttft_ms": round(self.llm_ttft_ms, 1), "tts_first_audio_ms": round(self.tts_first_audio_ms, 1),
             "response_ms": round(resp, 1) if resp is not None else None,
             "speech_end_ts": self.speech_end_ts, "endpoint_ts": self.endpoint_ts, "first_audio_ts": self.first_audio_ts,
+            "tts_first_clause_ms": round(self.tts_first_clause_ms, 1), "bus_overhead_ms": round(self.bus_overhead_ms, 2),
+            "hops": {k: round(v, 2) for k, v in self.hops.items()},
             "user_text": self.user_text, "agent_text": self.agent_text, "interrupted": self.interrupted,
         }
+
+
+@dataclass
+class SpeculativeTurn:
+    """A turn started at a pause in the caller's speech, not yet confirmed by the end of speech."""
+
+    turn: int
+    start_frame: int
+    end_frame: int
+    transcript: Transcript | None = None
+    generating: bool = False
+    ctx_entry: bytes | None = None  # the user message appended for it (removed if abandoned)
+    held_tokens: list[TokenChunk] = field(default_factory=list)
 
 
 class CallSession:
@@ -135,6 +156,7 @@ class CallSession:
         self._pending_barge: tuple[int, float] | None = None  # (turn, deadline) of a VAD barge-in
         self._agent_tokens: dict[int, list[str]] = {}
         self._token_seq: dict[int, int] = {}
+        self._spec: SpeculativeTurn | None = None
         self.closed = False
 
     # ---------------------------------------------------------------- transport side
@@ -161,7 +183,7 @@ class CallSession:
 
     def interrupt(self, source: str = "client") -> None:
         """Client asked the agent to stop (control channel). Safe to call any time."""
-        if self.state in (TurnState.THINKING, TurnState.AGENT_SPEAKING) or self.playout.queued:
+        if self.state in (TurnState.THINKING, TurnState.AGENT_SPEAKING) or self.playout.audible:
             self._barge_in(source, hard=True)
 
     # ---------------------------------------------------------------- bridge side
@@ -174,29 +196,76 @@ class CallSession:
                 del self._frame_ts[seq]
         return frames
 
-    async def on_vad(self, event: SpeechStart | SpeechEnd) -> None:
+    async def on_vad(self, event: SpeechStart | SpeechPause | SpeechEnd) -> None:
         pub = self.bridge.publisher
         pub.publish_nowait(Keys.events(self.id), event)
+        if isinstance(event, SpeechPause):
+            await self._on_pause(event)
+            return
         if isinstance(event, SpeechStart):
             self._speech_started_at = time.time()
             if self.state in (TurnState.LISTENING, TurnState.USER_SPEAKING):
                 self._set_state(TurnState.USER_SPEAKING, self.turn + 1)
             return
         self._speech_started_at = None
-        self.turn += 1
+        spec = self._spec
+        if spec is not None and (spec.start_frame, spec.end_frame) != (event.start_frame, event.end_frame):
+            self._abandon_speculation("the utterance went on")
+            spec = None
+        if spec is None:
+            self.turn += 1
         t = self._times(self.turn)
         t.endpoint_ts = time.time()
         t.speech_end_ts = self._frame_ts.get(event.end_frame, t.endpoint_ts)
         t.endpoint_ms = event.silence_ms
-        job = AsrJob(session=self.id, turn=self.turn, start_seq=event.start_frame, end_seq=event.end_frame)
-        await self._submit("asr", job)
         if self.state == TurnState.USER_SPEAKING:
             self._set_state(TurnState.THINKING, self.turn)
+        if spec is None:
+            job = AsrJob(session=self.id, turn=self.turn, start_seq=event.start_frame, end_seq=event.end_frame)
+            await self._submit("asr", job)
+            return
+        await self._confirm_speculation(spec)
+
+    async def _on_pause(self, event: SpeechPause) -> None:
+        if event.resumed:
+            if self._spec is not None:
+                self._abandon_speculation("the caller spoke again")
+            return
+        if self._spec is not None:
+            self._abandon_speculation("a newer pause")
+        self.turn += 1  # the id is used up even if the turn is abandoned: cancels name turns
+        self._spec = SpeculativeTurn(self.turn, event.start_frame, event.end_frame)
+        self.playout.hold_from = self.turn
+        metrics.PREEMPTIVE_TURNS.labels("started").inc()
+        await self._submit("asr", AsrJob(session=self.id, turn=self.turn, start_seq=event.start_frame,
+                                         end_seq=event.end_frame))
+
+    def _abandon_speculation(self, why: str) -> None:
+        spec = self._spec
+        assert spec is not None
+        self._spec = None
+        self.playout.hold_from = None
+        self.playout.flush(spec.turn)
+        metrics.PREEMPTIVE_TURNS.labels("abandoned").inc()
+        log.debug("session %s: speculative turn %d abandoned (%s)", self.id, spec.turn, why)
+        self.bridge.spawn(publish_cancel(self.bridge.redis, Cancel(session=self.id, turn=spec.turn, reason=f"speculation: {why}")))
+        if spec.ctx_entry is not None:
+            self.bridge.spawn(self.bridge.redis.lrem(Keys.ctx(self.id), -1, spec.ctx_entry))
+
+    async def _confirm_speculation(self, spec: SpeculativeTurn) -> None:
+        """The end of speech matches the speculative turn: its work (maybe its audio) counts now."""
+        self._spec = None
+        self.playout.hold_from = None
+        metrics.PREEMPTIVE_TURNS.labels("confirmed").inc()
+        for chunk in spec.held_tokens:
+            self._on_token(chunk)
+        if spec.transcript is not None:
+            await self._on_transcript(spec.transcript)
 
     def tick(self, now: float) -> None:
         """Timers: barge-in after enough speech over the agent; false-interruption resume."""
         if self._speech_started_at is not None and self._pending_barge is None:
-            if self.state in (TurnState.AGENT_SPEAKING, TurnState.THINKING) or self.playout.queued:
+            if self.state in (TurnState.AGENT_SPEAKING, TurnState.THINKING) or self.playout.audible:
                 need = self.cfg.barge_in_min_speech_ms if self.state == TurnState.AGENT_SPEAKING else self.cfg.barge_in_min_speech_thinking_ms
                 if (now - self._speech_started_at) * 1000 >= need:
                     self._barge_in("vad", hard=False)
@@ -215,6 +284,8 @@ class CallSession:
     async def on_message(self, msg: Any) -> None:
         if isinstance(msg, AudioOut):
             if msg.turn >= self.agent_turn:
+                if msg.seq == 0:
+                    self._times(msg.turn).hops["audio_out"] = max(0.0, (time.time() - msg.ts) * 1000)
                 self.playout.add(msg)
         elif isinstance(msg, TokenChunk):
             self._on_token(msg)
@@ -253,8 +324,14 @@ class CallSession:
         if not msg.final:
             self.sink.send_control({"type": "transcript", "role": "user", "final": False, "text": msg.text, "turn": msg.turn})
             return
+        spec = self._spec
+        if spec is not None and msg.turn == spec.turn:
+            await self._on_speculative_transcript(spec, msg)
+            return
         t = self._times(msg.turn)
-        t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
+        if not t.transcript_ts:
+            t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
+            t.hops["transcript"] = max(0.0, (t.transcript_ts - msg.ts) * 1000)
         self.sink.send_control({"type": "transcript", "role": "user", "final": True, "text": msg.text, "turn": msg.turn})
         if not msg.text.strip():
             if msg.turn == self.turn and self.state == TurnState.THINKING and self._pending_barge is None:
@@ -264,16 +341,35 @@ class CallSession:
             self._confirm_barge_in()
         if msg.turn < self.turn:
             return  # the caller already spoke again; the newer utterance gets the reply
-        redis = self.bridge.redis
-        await redis.rpush(Keys.ctx(self.id), encode(ChatMessage(session=self.id, role="user", text=msg.text, turn=msg.turn)))
-        self.agent_turn = msg.turn
-        await self._submit("llm", LlmJob(session=self.id, turn=msg.turn))
-        await self._submit("tts", TtsJob(session=self.id, turn=msg.turn))
+        if self.agent_turn == msg.turn:
+            return  # generation already started (a confirmed speculative turn)
+        await self._start_generation(msg)
         if self.state in (TurnState.LISTENING, TurnState.THINKING):
             self._set_state(TurnState.THINKING, msg.turn)
 
+    async def _start_generation(self, msg: Transcript) -> bytes:
+        entry = encode(ChatMessage(session=self.id, role="user", text=msg.text, turn=msg.turn))
+        await self.bridge.redis.rpush(Keys.ctx(self.id), entry)
+        self.agent_turn = msg.turn
+        await self._submit("llm", LlmJob(session=self.id, turn=msg.turn))
+        await self._submit("tts", TtsJob(session=self.id, turn=msg.turn))
+        return entry
+
+    async def _on_speculative_transcript(self, spec: SpeculativeTurn, msg: Transcript) -> None:
+        """Record it, and start the reply at once: its audio stays held until the turn is confirmed."""
+        spec.transcript = msg
+        t = self._times(msg.turn)
+        t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
+        t.hops["transcript"] = max(0.0, (t.transcript_ts - msg.ts) * 1000)
+        if msg.text.strip() and not spec.generating:
+            spec.generating = True
+            spec.ctx_entry = await self._start_generation(msg)
+
     def _on_token(self, msg: TokenChunk) -> None:
         if msg.turn != self.agent_turn or msg.turn < self.playout.min_turn:
+            return
+        if self._spec is not None and msg.turn == self._spec.turn:
+            self._spec.held_tokens.append(msg)  # the caller sees them once the turn is confirmed
             return
         if msg.seq < self._token_seq.get(msg.turn, 0):
             return  # duplicate
@@ -289,6 +385,11 @@ class CallSession:
             t.llm_ttft_ms = msg.value_ms
         elif msg.stage == "tts" and msg.mark == "first_audio":
             t.tts_first_audio_ms = msg.value_ms
+        elif msg.stage == "tts" and msg.mark == "first_clause":
+            t.tts_first_clause_ms = msg.value_ms
+        elif msg.mark in ("queue_wait", "token_hop") and msg.stage in ("asr", "llm", "tts"):
+            if msg.mark == "token_hop" or msg.stage != "tts":  # the TTS job waits for tokens off the critical path
+                t.hops[f"{msg.stage}_{msg.mark}"] = msg.value_ms
 
     def _barge_in(self, source: str, hard: bool) -> None:
         turn = self.agent_turn if self.agent_turn >= 0 else self.turn

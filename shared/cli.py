@@ -15,7 +15,8 @@ import sys
 # "module:x" names `add_x_arguments` / `run_x` instead (several commands in one module).
 COMMANDS: dict[str, tuple[str, str]] = {
     "selfcheck": ("shared.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
-    "demo": ("shared.selfcheck", "run the main job (until the bridge lands: the bus self-check)"),
+    "demo": ("bridge.demo", "run the whole stack and a simulated caller; print the latency waterfall"),
+    "up": ("bridge.demo:up", "run Redis, one CPU worker per stage and the bridge with its page (Ctrl-C stops)"),
     "worker": ("workers.cli", "run one pool's worker process (ASR, LLM or TTS)"),
     "bridge": ("bridge.cli", "run a bridge with the direct WebRTC transport and its caller page"),
     "exporter": ("shared.exporter", "export per-pool queue depth, lag and workers to Prometheus"),

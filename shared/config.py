@@ -7,6 +7,7 @@ only. Every validation error names the file, the key and what was expected.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -46,11 +47,16 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     max_sessions: int = 200
     max_datachannel_bytes: int = 4096
-    jitter_target_ms: int = 60
+    jitter_target_ms: int = 40
     ice_servers: list[str] = []
     vad_threshold: float = 0.5
     min_speech_ms: int = 100
-    min_silence_ms: int = 300
+    # Silence after the last voiced sound that ends a turn. The VAD scores 32 ms windows, so the
+    # decision comes up to one window later: 270 keeps the effective wait at or under 300 ms.
+    min_silence_ms: int = 270
+    # Start ASR, LLM and TTS after this much silence, before min_silence_ms confirms the end of
+    # the turn; the reply is held until then and dropped if the caller goes on speaking. 0: off.
+    preemptive_pause_ms: int = 100
     speech_pad_ms: int = 60
     barge_in_min_speech_ms: int = 200
     barge_in_min_speech_thinking_ms: int = 300
@@ -79,11 +85,35 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         raise ConfigError(f"{self.source}: no pool serves stage {stage!r}")
 
 
+_AT_PATH = re.compile(r" - at `(?:key` in `)?\$([^`]*)`$")
+
+
+def _validation_error(source: str, prefix: str, exc: msgspec.ValidationError) -> ConfigError:
+    """msgspec's "<what> - at `$.a.b`" as "<file>: <prefix>.a.b: <what>" (TOML key order)."""
+    text = str(exc)
+    match = _AT_PATH.search(text)
+    what = text[: match.start()] if match else text
+    path = match.group(1).lstrip(".") if match else ""
+    key = ".".join(part for part in (prefix, path) if part)
+    if "Invalid enum value" in what and (key.endswith(".stage") or key == "defaults"):
+        what += f" (expected one of {', '.join(STAGES)})"
+    return ConfigError(f"{source}: {key}: {what}" if key else f"{source}: {what}")
+
+
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    pools = data.get("pools") if isinstance(data, dict) else None
+    if isinstance(pools, dict):
+        # One pool at a time: msgspec reports a dict value's path as `pools[...]`,
+        # which would not say which pool is wrong.
+        for name, table in pools.items():
+            try:
+                msgspec.convert(table, PoolConfig)
+            except msgspec.ValidationError as exc:
+                raise _validation_error(source, f"pools.{name}", exc) from None
     try:
         cfg = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise _validation_error(source, "", exc) from None
     cfg.source = source
     for name, pool in cfg.pools.items():
         where = f"{source}: pools.{name}"
@@ -118,6 +148,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read pools file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise ConfigError(f"{file}: invalid TOML: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

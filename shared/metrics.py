@@ -32,3 +32,5 @@ BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
 FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
 CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
+PREEMPTIVE_TURNS = Counter("voxbus_preemptive_turns_total", "Turns started before the end of speech was certain",
+                           ["outcome"])

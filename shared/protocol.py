@@ -240,6 +240,16 @@ class SpeechStart(Message, tag="speech.start/1"):
     prob: float = 0.0
 
 
+class SpeechPause(Message, tag="speech.pause/1"):
+    """The caller has been silent `pause_ms` inside an utterance (resumed=False), or spoke
+    again after such a pause (resumed=True). Lets the bridge start the turn's work
+    before the end of speech is certain."""
+
+    start_frame: int
+    end_frame: int  # last voiced frame so far, computed as SpeechEnd would
+    resumed: bool = False
+
+
 class SpeechEnd(Message, tag="speech.end/1"):
     start_frame: int
     end_frame: int  # seq of the last voiced frame (inclusive)
@@ -400,7 +410,7 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
 
 
 AnyMessage = Union[
-    AudioFrame, SpeechStart, SpeechEnd, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
+    AudioFrame, SpeechStart, SpeechPause, SpeechEnd, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
     TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage,
 ]
 Job = Union[AsrJob, LlmJob, TtsJob]
@@ -464,7 +474,7 @@ def decode_worker(data: bytes) -> WorkerRecord:
 # Message types each session stream may carry (readers reject anything else).
 STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
     "audio.in": (AudioFrame,),
-    "events": (SpeechStart, SpeechEnd, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
+    "events": (SpeechStart, SpeechPause, SpeechEnd, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
     "tokens": (TokenChunk,),
     "audio.out": (AudioOut,),
 }

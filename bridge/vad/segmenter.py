@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from bridge.vad import VadEngine
-from shared.protocol import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, SpeechEnd, SpeechStart, validate_session_id
+from shared.protocol import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, SpeechEnd, SpeechPause, SpeechStart, validate_session_id
 
 log = logging.getLogger("voxbus.vad")
 
-VadEvent = SpeechStart | SpeechEnd
+VadEvent = SpeechStart | SpeechPause | SpeechEnd
 _MS = SAMPLE_RATE / 1000  # samples per millisecond
 
 
@@ -41,6 +41,9 @@ class EndpointConfig:
     # at most end_trim_ms. None: no trimming (noisy lines never trim anyway).
     end_trim_db: float | None = 40.0
     end_trim_ms: float = 200.0
+    # Report a SpeechPause after this much silence inside an utterance (and its resumption),
+    # so the bridge can start ASR/LLM before min_silence_ms confirms the end. None: off.
+    pause_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -77,6 +80,8 @@ class SpeechSegmenter:
         self._speech_start: int | None = None  # first sample of the confirmed utterance (no pad)
         self._start_frame = 0
         self._silence_start: int | None = None
+        self._paused: SpeechPause | None = None  # the pause reported for the current silence run
+        self._pause = None if config.pause_ms is None else round(config.pause_ms * _MS)
         self._peak_db = -200.0  # loudest window since the candidate start
 
     @property
@@ -152,9 +157,21 @@ class SpeechSegmenter:
             return events
         if prob >= cfg.threshold:
             self._silence_start = None
+            if self._paused is not None:
+                events.append(SpeechPause(session=self.sid, start_frame=self._paused.start_frame,
+                                          end_frame=self._paused.end_frame, resumed=True))
+                self._paused = None
         elif prob < cfg.negative and self._silence_start is None:
             self._silence_start = start
-        if self._silence_start is not None and end - self._silence_start >= self._min_silence:
+        # Silence counts from the last voiced sound (the trimmed end), not from where Silero's
+        # probability finally dropped, so min_silence_ms is the pause a person actually left.
+        silence = end - self._trimmed_end(self._silence_start) if self._silence_start is not None else 0
+        if (self._pause is not None and self._paused is None and self._silence_start is not None
+                and self._min_silence > silence >= self._pause):
+            self._paused = SpeechPause(session=self.sid, start_frame=self._start_frame,
+                                       end_frame=self._voiced_end_frame(end))
+            events.append(self._paused)
+        if self._silence_start is not None and silence >= self._min_silence:
             events.append(self._end(end))
         elif self._max_speech is not None and end - self._speech_start >= self._max_speech:
             self._silence_start = None
@@ -175,8 +192,15 @@ class SpeechSegmenter:
             voiced_end = self._trimmed_end(self._silence_start)
             last, silence = min(voiced_end + self._pad, now) - 1, now - voiced_end
         self._speech_start = self._silence_start = None
+        self._paused = None
         end_frame = max(self._seq_at(max(last, 0)), self._start_frame)
         return SpeechEnd(session=self.sid, start_frame=self._start_frame, end_frame=end_frame, silence_ms=silence / _MS)
+
+    def _voiced_end_frame(self, now: int) -> int:
+        """The end frame `_end` would report if the utterance ended now (same trimming and pad)."""
+        assert self._silence_start is not None
+        last = min(self._trimmed_end(self._silence_start) + self._pad, now) - 1
+        return max(self._seq_at(max(last, 0)), self._start_frame)
 
     def _trimmed_end(self, end: int) -> int:
         """`end` pulled back over the quiet frames just before it (see EndpointConfig.end_trim_db)."""

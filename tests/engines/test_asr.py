@@ -96,3 +96,16 @@ def test_directory_without_model_is_a_clear_error(tmp_path: Path) -> None:
 def test_unknown_bundled_model_is_a_clear_error() -> None:
     with pytest.raises(ModelMissing, match="unknown bundled model"):
         FasterWhisperAsr(model="bundled:whisper-huge").load()
+
+
+def test_short_encoder_context_keeps_accuracy(audios: list[np.ndarray], transcripts: list[str]) -> None:
+    """The CPU pool's 10 s encoder window gives the same words as Whisper's 30 s window."""
+    short = FasterWhisperAsr(encoder_context_s=10.0)
+    short.load()
+    texts = [short.transcribe(a).text for a in audios]
+    assert corpus_wer(list(zip(SENTENCES, texts))) <= MAX_WER, texts
+    assert [short.transcribe(a).text for a in audios[:2]] == texts[:2]  # deterministic
+    long_clip = np.concatenate([audios[0]] * 4)  # ~16 s: the window grows past 10 s to fit it
+    assert len(short.transcribe(long_clip).text.split()) >= 3 * len(SENTENCES[0].split())
+    with pytest.raises(ValueError, match="encoder_context_s"):
+        FasterWhisperAsr(encoder_context_s=0.5)

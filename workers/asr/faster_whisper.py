@@ -3,6 +3,13 @@
 Decoding is deterministic (temperature 0 only, no conditioning on earlier text),
 so replaying a session gives the same transcripts. On CUDA, several utterances
 are transcribed as one batch through BatchedInferencePipeline.
+
+`encoder_context_s` shortens Whisper's fixed 30 s encoder window for short
+utterances (as whisper.cpp's audio_ctx does): the encoder is most of the cost
+on a CPU (tiny.en: ~245 ms for 30 s of context, ~20 ms for 10 s on 2 cores),
+and a voice turn is rarely longer than a few seconds. The window is never
+shorter than the utterance plus `_CONTEXT_MARGIN_S`; below ~10 s Whisper starts
+to loop, so that is the floor we recommend.
 """
 
 from __future__ import annotations
@@ -23,6 +30,23 @@ log = logging.getLogger("voxbus.asr")
 
 SAMPLE_RATE = 16_000
 _MAX_BATCH_CLIP_S = 30.0  # Whisper's window: longer utterances are transcribed alone
+_FRAMES_PER_S = 100  # mel frames
+_FULL_CONTEXT = 3000
+_CONTEXT_MARGIN_S = 2.0
+_context = threading.local()  # encoder frames for the transcription running on this thread
+
+
+def _short_context_class(base: type) -> type:
+    class ShortContextWhisper(base):  # type: ignore[misc, valid-type]
+        """WhisperModel whose encoder sees only the first `_context.frames` mel frames."""
+
+        def encode(self, features):  # noqa: ANN001, ANN201 - faster-whisper's own signature
+            frames = getattr(_context, "frames", None)
+            if frames and features.shape[-1] > frames:
+                features = features[..., :frames]
+            return super().encode(features)
+
+    return ShortContextWhisper
 
 
 class FasterWhisperAsr:
@@ -37,7 +61,11 @@ class FasterWhisperAsr:
         batch_size: int = 8,
         vad_filter: bool = False,
         initial_prompt: str | None = None,
+        encoder_context_s: float | None = None,
     ) -> None:
+        if encoder_context_s is not None and not 1.0 <= encoder_context_s <= 30.0:
+            raise ValueError(f"encoder_context_s must be within 1..30 s (or None), got {encoder_context_s}")
+        self.encoder_context_s = encoder_context_s
         self.model_ref = model
         self.device = device
         self.compute_type = compute_type
@@ -65,7 +93,8 @@ class FasterWhisperAsr:
             print(f"loading ASR model {self.model_ref} ({path}) on {self.device}/{self.compute_type} ...", file=sys.stderr)
             started = time.perf_counter()
             try:
-                self._model = WhisperModel(
+                cls = _short_context_class(WhisperModel) if self.encoder_context_s else WhisperModel
+                self._model = cls(
                     path, device=self.device, compute_type=self.compute_type, cpu_threads=self.cpu_threads
                 )
             except Exception as exc:  # ctranslate2 / huggingface_hub raise many types for a bad model
@@ -82,8 +111,14 @@ class FasterWhisperAsr:
         if len(samples) == 0:
             return AsrResult("", language or self.language, 0.0)
         self._ensure_loaded()
-        segments, info = self._model.transcribe(samples, **self._options(language))
-        text = "".join(segment.text for segment in segments).strip()
+        if self.encoder_context_s:
+            seconds = max(self.encoder_context_s, duration + _CONTEXT_MARGIN_S)
+            _context.frames = min(_FULL_CONTEXT, int(seconds * _FRAMES_PER_S))
+        try:
+            segments, info = self._model.transcribe(samples, **self._options(language))
+            text = "".join(segment.text for segment in segments).strip()
+        finally:
+            _context.frames = None
         return AsrResult(text, info.language, duration)
 
     def transcribe_batch(self, audios: list[np.ndarray], language: str | None = None) -> list[AsrResult]:

@@ -66,6 +66,12 @@ class TtsStage:
                     raise TimeoutError(f"no tokens for turn {job.turn} of {job.session} in {TOKEN_WAIT_S:.0f}s")
                 continue
             waited = 0.0
+            if expect == 0:
+                first_ts = _first_token_ts(reply[0][1])
+                if first_ts is not None:  # how long the first token took to reach this worker
+                    self.ctx.publisher.publish_nowait(Keys.events(job.session), TurnMark(
+                        session=job.session, turn=job.turn, stage="tts", mark="token_hop",
+                        value_ms=max(0.0, (time.time() - first_ts) * 1000)))
             for entry_id, fields in reply[0][1]:
                 last = entry_id
                 try:
@@ -104,6 +110,7 @@ class TtsStage:
         max_samples = rate * CHUNK_MS // 1000
         seq = 0
         async for clause in self.clauses(job, watch):
+            clause_at = time.perf_counter()
             gen: Iterator[np.ndarray] = self.engine.synthesize(clause, job.voice)
             label = clause
             while not watch.cancelled:
@@ -114,10 +121,14 @@ class TtsStage:
                 for start in range(0, len(pcm), max_samples):
                     if watch.cancelled:
                         break
-                    if seq == 0:
-                        pub.publish_nowait(Keys.events(job.session), TurnMark(
+                    if seq == 0:  # synthesis time of the first clause, and how long the clause took to arrive
+                        events = Keys.events(job.session)
+                        pub.publish_nowait(events, TurnMark(
                             session=job.session, turn=job.turn, stage="tts", mark="first_audio",
-                            value_ms=(time.perf_counter() - t0) * 1000))
+                            value_ms=(time.perf_counter() - clause_at) * 1000))
+                        pub.publish_nowait(events, TurnMark(
+                            session=job.session, turn=job.turn, stage="tts", mark="first_clause",
+                            value_ms=(clause_at - t0) * 1000))
                     pub.publish_nowait(key, AudioOut(
                         session=job.session, turn=job.turn, seq=seq, rate=rate,
                         pcm=pcm[start:start + max_samples].tobytes(), text=label), entry_id=output_entry_id(job.turn, seq))
@@ -136,3 +147,14 @@ class TtsStage:
                            entry_id=output_entry_id(job.turn, seq))
         await pub.flush()
         return Outcome.DONE
+
+
+def _first_token_ts(entries: list) -> float | None:
+    for _, fields in entries:
+        try:
+            chunk = decode_entry(fields)
+        except ProtocolError:
+            continue
+        if isinstance(chunk, TokenChunk):
+            return chunk.ts
+    return None
