@@ -106,24 +106,24 @@ async def run_call(stack: Any, question: np.ndarray, barge_in_at: float | None, 
         first = await caller.wait_for(lambda: next(iter(caller.audio_frames(user_end)), None), timeout_s,
                                       "the agent's first audio frame")
         first_audio_at = first[0]
-        result: dict[str, Any] = {"session_id": sid}
+        turn = session.agent_turn  # the question's turn: later turns must not mix into its figures
+        result: dict[str, Any] = {"session_id": sid, "turn": turn}
         if barge_in_at is not None:
             await asyncio.sleep(max(0.0, first_audio_at + barge_in_at - time.time()))
             interrupt_at = time.time()
             caller.send({"type": "interrupt"})
             caller.mic.play(synthesize_16k(BARGE_IN_TEXT, "barge_in"))
             await asyncio.sleep(2.0)
-            late = caller.audio_frames(interrupt_at)
-            result["barge_in_silence_ms"] = round((late[-1][0] - interrupt_at) * 1000, 1) if late else 0.0
+            last = last_before_gap(caller.audio_frames(interrupt_at), interrupt_at)
+            result["barge_in_silence_ms"] = round((last - interrupt_at) * 1000, 1)
             result["stale_frames"] = session.playout.stale_frames
-            result["heard_text"] = session.times[session.agent_turn].heard_text if session.agent_turn in session.times else ""
+            result["heard_text"] = session.times[turn].heard_text if turn in session.times else ""
         else:
-            turn = session.agent_turn
             await caller.wait_for(
                 lambda: any(m.get("turn") == turn and m.get("state") == "listening" for m in caller.controls("state"))
                 and session.state.value == "listening", timeout_s, "the agent to finish its answer")
             await asyncio.sleep(0.3)
-        t = session.times.get(session.agent_turn)
+        t = session.times.get(turn)
         if t is None:
             raise RuntimeError("the agent never answered (no turn recorded)")
         finals = [m["text"] for m in caller.controls("transcript") if m.get("final") and m.get("turn") == t.turn]
@@ -145,6 +145,20 @@ async def run_call(stack: Any, question: np.ndarray, barge_in_at: float | None, 
         return result
     finally:
         await caller.close()
+
+
+def last_before_gap(frames: list[tuple[float, float]], since: float, gap_s: float = 0.3) -> float:
+    """Arrival time of the last agent frame before the first silence of `gap_s` after `since`.
+
+    After a barge-in the agent should go quiet; a later answer to the caller's
+    new words (a new turn) starts after such a gap and does not count.
+    """
+    last = since
+    for arrived, _ in frames:
+        if arrived - last > gap_s:
+            break
+        last = arrived
+    return last
 
 
 WATERFALL = [
