@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("shared.top", "live terminal view of pools, workers, queues and sessions"),
     "record": ("shared.recording", "export a session (its streams and context) to one file"),
     "sessions": ("shared.recording:sessions", "list recent sessions with duration, turns and outcome"),
+    "replay": ("bridge.replay", "replay a recorded session against today's workers and compare turn by turn"),
 }
 
 
