@@ -114,6 +114,14 @@ class CancelHub:
             if value is not None:
                 self._dispatch(Cancel(session=sid, turn=int(value), reason="cancelled during reconnect"))
 
+    async def _on_reconnect(self, _connection: object) -> None:
+        """Called by redis-py once the pub/sub connection is back (after re-subscribing)."""
+        metrics.BUS_RECONNECTS.labels("cancel").inc()
+        try:
+            await self._resync()
+        except Exception as exc:  # raising here would fail redis-py's reconnect itself
+            log.warning("cancel resync after reconnect failed: %s", exc)
+
     async def _run(self) -> None:
         backoff = Backoff()
         first = True
@@ -121,6 +129,10 @@ class CancelHub:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(CANCEL_PATTERN)
+                # redis-py reconnects (and re-subscribes) a broken pub/sub connection by itself
+                # inside get_message(), so this loop may never see the error: resync from there too.
+                if pubsub.connection is not None:
+                    pubsub.connection.register_connect_callback(self._on_reconnect)
                 if not first:
                     await self._resync()
                 first = False
@@ -147,6 +159,8 @@ class CancelHub:
                 log.warning("cancel subscription lost (%s); reconnecting", exc)
                 await backoff.sleep()
             finally:
+                if pubsub.connection is not None:
+                    pubsub.connection.deregister_connect_callback(self._on_reconnect)
                 try:
                     await pubsub.aclose()
                 except Exception:  # the connection is already broken; nothing to release

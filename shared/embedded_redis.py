@@ -64,21 +64,42 @@ class EmbeddedRedis:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning", "--protected-mode", "yes",
+            "--logfile", str(Path(self._dir.name) / "redis.log"),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # The log goes to a file, not a pipe: nobody drains a pipe, and a full one would stall the server.
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         return self.url
 
     async def ready(self, timeout: float = 10.0) -> None:
         client = connect(self.url)
         try:
             await wait_ready(client, timeout, self.url)
-        except RuntimeError:
-            err = b""
-            if self.proc and self.proc.poll() is not None and self.proc.stderr:
-                err = self.proc.stderr.read()
-            raise RuntimeError(f"embedded Redis ({self.binary}) failed to start: {err.decode(errors='replace')[-500:]}") from None
+            # Whoever answered must be our child: if the port was taken meanwhile, another
+            # server answers there while ours exits with "address already in use".
+            if self.proc is not None and int((await client.info("server"))["process_id"]) != self.proc.pid:
+                await asyncio.to_thread(self._wait_exit, 2.0)
+                raise RuntimeError(f"port {self.port} is served by another process")
+        except RuntimeError as exc:
+            detail = self.log_tail() or str(exc)
+            raise RuntimeError(f"embedded Redis ({self.binary}) failed to start on port {self.port}: {detail}") from None
         finally:
             await client.aclose()
+
+    def _wait_exit(self, timeout: float) -> None:
+        try:
+            if self.proc is not None:
+                self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def log_tail(self, chars: int = 500) -> str:
+        """The end of the server's log (why it failed to start, or crashed)."""
+        if self._dir is None:
+            return ""
+        try:
+            return (Path(self._dir.name) / "redis.log").read_text(errors="replace")[-chars:].strip()
+        except OSError:
+            return ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

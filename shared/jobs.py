@@ -34,6 +34,34 @@ from .redis_conn import TRANSIENT_ERRORS
 log = logging.getLogger("voxbus.jobs")
 
 
+# Rejection reasons quote the offending input (sizes, session ids, type tags): as
+# metric labels they would let garbage create unbounded time series. Map each
+# reason to one of these few labels instead (first match wins).
+_REJECT_LABELS: tuple[tuple[str, str], ...] = (
+    ("exceeds", "oversized"),
+    ("exactly the field", "wrong fields"),
+    ("invalid session id", "invalid session"),
+    ("names session", "wrong session"),
+    ("at `$.type`", "unknown type"),
+    ("unexpected message", "wrong type"),
+    ("does not belong", "wrong type"),
+    ("is not a job", "wrong type"),
+    (" pool", "wrong type"),  # "LlmJob in a AsrJob pool"
+    ("messagepack", "undecodable"),
+    ("truncated", "undecodable"),
+    ("expected bytes", "undecodable"),
+)
+
+
+def reject_label(reason: str) -> str:
+    """A bounded `reason` label for voxbus_bus_rejected_total."""
+    text = reason.lower()
+    for needle, label in _REJECT_LABELS:
+        if needle.lower() in text:
+            return label
+    return "invalid"
+
+
 @dataclass(slots=True)
 class Delivery:
     entry_id: str
@@ -116,6 +144,7 @@ class JobQueue:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_group()
+            self._claim_cursor = "0-0"  # a new group: the old cursor points into a past PEL
             return []
         cursor, entries = reply[0], reply[1]  # Redis 7 adds a third element: deleted ids
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
@@ -145,7 +174,11 @@ class JobQueue:
         out: list[Delivery] = []
         for entry_id, fields in entries:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            n = counts.get(eid, self.max_deliveries + 1)
+            n = counts.get(eid)
+            if n is None:
+                # No longer pending: its previous holder acked it after XAUTOCLAIM handed it
+                # to us. The job is done; dead-lettering it would report a success as a failure.
+                continue
             if n > self.max_deliveries:
                 reason = await self.redis.hget(self.errors, eid)
                 last = f"; last error: {reason.decode()}" if reason else ""
@@ -182,9 +215,13 @@ class JobQueue:
         """Hand a job back at once (graceful drain): make it claimable without waiting."""
         # A huge idle time makes the next XAUTOCLAIM of any consumer take it at once;
         # justid leaves the delivery count alone (handing back is not a failure).
-        await self.redis.xclaim(
-            self.key, self.group, "released", min_idle_time=0, message_ids=[entry_id], idle=10**9, justid=True
-        )
+        try:
+            await self.redis.xclaim(
+                self.key, self.group, "released", min_idle_time=0, message_ids=[entry_id], idle=10**9, justid=True
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):  # the group vanished (Redis restarted): nothing to hand back
+                raise
 
     async def _delivery_counts(self, ids: list) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
@@ -206,7 +243,7 @@ class JobQueue:
             if not isinstance(job, tuple(STAGE_JOB.values())):
                 raise ProtocolError(f"{type(job).__name__} is not a job")
         except ProtocolError as exc:
-            metrics.BUS_REJECTED.labels("jobs", str(exc).split(":")[0][:40]).inc()
+            metrics.BUS_REJECTED.labels("jobs", reject_label(str(exc))).inc()
             payload = fields.get(ENTRY_FIELD) or b"".join(k + b"=" + v for k, v in fields.items())
             await self._dead_letter(eid, payload, f"malformed: {exc}", deliveries)
             return None

@@ -318,6 +318,11 @@ class TtsJob(Message, tag="job.tts/1"):
     text: str | None = None
     voice: str | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text is not None:
+            _check_text(self.text, "tts text")
+
 
 class AudioOut(Message, tag="audio.out/1"):
     """A chunk of agent speech, PCM16 mono at `rate`."""
@@ -376,6 +381,10 @@ class ChatMessage(Message, tag="chat/1"):
     text: str
     turn: int = -1
     interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text(self.text, "chat message")
 
 
 class DeadLetter(msgspec.Struct, tag="dead.letter/1", tag_field="type", kw_only=True):

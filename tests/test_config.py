@@ -1,0 +1,184 @@
+"""The pools file (shared/config.py): a valid file loads; every error names the
+file, the key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import EXAMPLES_DIR, ConfigError, load_config
+
+VALID = """
+[defaults]
+asr = "asr-big"
+llm = "llm-a"
+
+[pools.asr-big]
+stage = "asr"
+engine = "faster-whisper"
+gpu_type = "rtx5090"
+slots = 8
+fallback = "asr-small"
+overflow_lag = 16
+options = { model = "large-v3-turbo", beam_size = 1 }
+labels = { tier = "gold" }
+
+[pools.asr-small]
+stage = "asr"
+engine = "faster-whisper"
+
+[pools.llm-a]
+stage = "llm"
+engine = "llamacpp"
+max_deliveries = 2
+claim_idle_ms = 1500
+
+[pools.tts-a]
+stage = "tts"
+engine = "piper"
+slots = 2
+
+[bridge]
+port = 9090
+min_silence_ms = 250
+ice_servers = ["stun:stun.example.org:3478"]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "pools.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_valid_pools_file_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    cfg = load_config(path)
+    assert cfg.source == str(path)
+    assert set(cfg.pools) == {"asr-big", "asr-small", "llm-a", "tts-a"}
+    big = cfg.pools["asr-big"]
+    assert (big.name, big.stage, big.gpu_type, big.slots, big.fallback) == ("asr-big", "asr", "rtx5090", 8, "asr-small")
+    assert big.options == {"model": "large-v3-turbo", "beam_size": 1}
+    assert big.labels == {"tier": "gold"}
+    assert cfg.pools["asr-small"].slots == 1 and cfg.pools["asr-small"].gpu_type == "cpu"
+    assert (cfg.pools["llm-a"].max_deliveries, cfg.pools["llm-a"].claim_idle_ms) == (2, 1500)
+    assert cfg.default_pool("asr").name == "asr-big"
+    assert cfg.default_pool("tts").name == "tts-a"  # no default: the first pool of the stage
+    assert (cfg.bridge.port, cfg.bridge.min_silence_ms, cfg.bridge.host) == (9090, 250, "127.0.0.1")
+    assert cfg.bridge.ice_servers == ["stun:stun.example.org:3478"]
+
+
+def test_pools_file_comes_from_voxbus_pools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, VALID, "from-env.toml")
+    monkeypatch.setenv("VOXBUS_POOLS", str(path))
+    assert load_config().source == str(path)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES_DIR.glob("*.toml")), ids=lambda p: p.name)
+def test_bundled_example_pools_files_load(example: Path) -> None:
+    cfg = load_config(example)
+    for stage in ("asr", "llm", "tts"):
+        assert cfg.default_pool(stage).stage == stage
+
+
+def test_lookup_errors_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[pools.asr-a]\nstage = "asr"\nengine = "x"\n')
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match=r"no pool named 'nope' \(have: asr-a\)") as err:
+        cfg.pool("nope")
+    assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="no pool serves stage 'tts'"):
+        cfg.default_pool("tts")
+
+
+# Each case: TOML text, then fragments the error message must contain (besides the file name).
+BAD_FILES: dict[str, tuple[str, list[str]]] = {
+    "wrong-type": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\nslots = "two"\n',
+        ["pools.asr-a.slots", "Expected `int`, got `str`"],
+    ),
+    "wrong-type-table": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\noptions = 3\n',
+        ["pools.asr-a.options", "Expected `object`"],
+    ),
+    "unknown-key": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\nslotz = 2\n',
+        ["pools.asr-a", "unknown field `slotz`"],
+    ),
+    "unknown-bridge-key": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\n[bridge]\nportt = 1\n',
+        ["bridge", "unknown field `portt`"],
+    ),
+    "unknown-section": ('[pool.asr-a]\nstage = "asr"\nengine = "x"\n', ["unknown field `pool`"]),
+    "missing-stage": ('[pools.asr-a]\nengine = "x"\n', ["pools.asr-a", "missing required field `stage`"]),
+    "missing-pools": ('[bridge]\nport = 1\n', ["missing required field `pools`"]),
+    "unknown-stage": (
+        '[pools.vad-a]\nstage = "vad"\nengine = "x"\n',
+        ["pools.vad-a.stage", "'vad'", "expected one of asr, llm, tts"],
+    ),
+    "fallback-other-stage": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\nfallback = "llm-a"\n[pools.llm-a]\nstage = "llm"\nengine = "y"\n',
+        ["pools.asr-a.fallback", "'llm-a' serves 'llm', expected 'asr'"],
+    ),
+    "fallback-missing": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\nfallback = "asr-b"\n',
+        ["pools.asr-a.fallback", "no pool named 'asr-b'"],
+    ),
+    "default-missing-pool": (
+        '[defaults]\nasr = "asr-z"\n[pools.asr-a]\nstage = "asr"\nengine = "x"\n',
+        ["defaults.asr", "no pool named 'asr-z'"],
+    ),
+    "default-other-stage": (
+        '[defaults]\ntts = "asr-a"\n[pools.asr-a]\nstage = "asr"\nengine = "x"\n',
+        ["defaults.tts", "'asr-a' serves 'asr'"],
+    ),
+    "default-unknown-stage": (
+        '[defaults]\nvad = "asr-a"\n[pools.asr-a]\nstage = "asr"\nengine = "x"\n',
+        ["defaults", "'vad'", "expected one of asr, llm, tts"],
+    ),
+    "zero-slots": ('[pools.asr-a]\nstage = "asr"\nengine = "x"\nslots = 0\n', ["pools.asr-a.slots", "expected an integer >= 1, got 0"]),
+    "zero-deliveries": (
+        '[pools.asr-a]\nstage = "asr"\nengine = "x"\nmax_deliveries = 0\n',
+        ["pools.asr-a.max_deliveries", "expected an integer >= 1"],
+    ),
+    "bad-pool-name": ('[pools.ASR]\nstage = "asr"\nengine = "x"\n', ["pools.ASR", "invalid pool name 'ASR'"]),
+    "invalid-toml": ('[pools.asr-a\nstage = "asr"\n', ["invalid TOML", "line 1"]),
+    "invalid-toml-value": ('[pools.asr-a]\nstage = asr\n', ["invalid TOML", "line 2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_invalid_pools_file_error_names_file_key_and_expectation(tmp_path: Path, case: str) -> None:
+    text, fragments = BAD_FILES[case]
+    path = write(tmp_path, text, f"{case}.toml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_missing_pools_file_is_reported_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match="cannot read pools file") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_pools_file_is_reported_with_its_path(tmp_path: Path) -> None:
+    # A directory cannot be read as a file, even by root (chmod 000 would not stop root).
+    path = tmp_path / "pools.d"
+    path.mkdir()
+    with pytest.raises(ConfigError, match="cannot read pools file") as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_non_utf8_pools_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[pools.asr-a]\nstage = "asr"\nengine = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: invalid TOML")
