@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from . import metrics
 from .protocol import PREFIX, Cancel, Keys, ProtocolError, decode_as, encode
 from .redis_conn import TRANSIENT_ERRORS, Backoff
+from .tasks import finish_task
 
 log = logging.getLogger("voxbus.cancel")
 
@@ -32,8 +33,11 @@ CANCELLED_TTL_S = 24 * 3600
 async def publish_cancel(redis: aioredis.Redis, cancel: Cancel) -> int:
     """Record and broadcast a cancel; returns how many subscribers got it."""
     # GREATEST semantics without a script: turns only grow, and the bridge is the only writer.
-    await redis.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
-    return await redis.publish(Keys.cancel_channel(cancel.session), encode(cancel))
+    # One round trip; the key is set before the message flies, so a job starting in between sees it.
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
+    pipe.publish(Keys.cancel_channel(cancel.session), encode(cancel))
+    return (await pipe.execute())[1]
 
 
 async def cancelled_turn(redis: aioredis.Redis, session: str) -> int:
@@ -80,8 +84,7 @@ class CancelHub:
 
     async def close(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await finish_task(self._task, grace_s=0)
             self._task = None
 
     async def watch(self, session: str, turn: int) -> CancelWatch:

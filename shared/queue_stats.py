@@ -24,7 +24,9 @@ class PoolStats:
     lag: int = 0  # entries not yet delivered to any consumer
     pending: int = 0  # delivered, not yet acked
     head_wait_ms: float = 0.0  # age of the oldest undelivered job
-    oldest_pending_ms: float = 0.0  # idle time of the oldest unacked job
+    # Idle time of the oldest unacked job. Workers reset the idle time of the jobs they run
+    # at every heartbeat, so this grows only while nobody is running that job.
+    oldest_pending_ms: float = 0.0
     dlq: int = 0
     consumers: int = 0
 

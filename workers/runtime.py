@@ -4,11 +4,18 @@
   slots, so an idle worker beside a busy one takes the work.
 - Heartbeats into the registry; every `reap_interval_s` it takes over jobs
   pending at consumers that the registry says are dead (fast path, about
-  `ttl_s` after a kill -9) and runs `XAUTOCLAIM` as the backstop.
+  `ttl_s` after a kill -9) and runs `XAUTOCLAIM` as the backstop. Each
+  heartbeat also resets the idle time of the jobs it runs, so the backstop
+  never takes a healthy job that merely runs longer than `claim_idle_ms`.
 - Every running job holds a CancelWatch from the process's single pub/sub
   connection; a job whose turn was cancelled before it started is skipped.
 - SIGTERM drains: stop claiming, let running jobs finish within a bound, hand
   the rest back to the pool at once, deregister.
+
+Background tasks are stopped by events, and anything cancelled is cancelled
+again until it ends: redis-py can swallow a cancellation that lands inside a
+command (redis/redis-py#2028), and a single `task.cancel(); await task` then
+hangs the shutdown for good.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import time
 import uuid
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from shared import metrics
 from shared.bus import BatchPublisher
 from shared.cancel import CancelHub
+from shared.tasks import finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
 from shared.protocol import Cancelled, JobFailed, Keys, WorkerRecord
@@ -64,6 +74,10 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[None], Delivery]] = {}
         self.ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._beat_stop = asyncio.Event()
+        # Held while touching running jobs and while handing jobs back, so a touch
+        # in flight can never re-take a job that the drain has just released.
+        self._touch_lock = asyncio.Lock()
         self._labels = (pool.name, pool.stage, pool.gpu_type)
         self.record = WorkerRecord(
             worker_id=self.id, pool=pool.name, stage=pool.stage, gpu_type=pool.gpu_type,
@@ -97,21 +111,21 @@ class Worker:
                  redact_url(self.redis_url), self.pool.slots)
         metrics.SLOTS_TOTAL.labels(*self._labels).set(self.pool.slots)
         await registry.heartbeat(redis, self.record, self.ttl_s)
-        beat = asyncio.create_task(self._heartbeats(stop), name="voxbus-heartbeat")
+        beat = asyncio.create_task(self._heartbeats(), name="voxbus-heartbeat")
         self.ready.set()
         try:
             await self._claim_loop(stop)
         finally:
             await self._drain()
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            self._beat_stop.set()
+            await finish_task(beat, grace_s=self.heartbeat_s + 2.5)
             try:
                 await registry.deregister(redis, self.pool.name, self.id)
             except TRANSIENT_ERRORS:
                 log.warning("could not deregister %s (Redis unreachable); its record expires by itself", self.id)
             await handler.close()
-            await self.hub.close()
-            await self.publisher.close()
+            await finish_task(asyncio.ensure_future(self.hub.close()), grace_s=2.0)
+            await finish_task(asyncio.ensure_future(self.publisher.close()), grace_s=5.0)
             await redis.aclose()
             log.info("worker %s: stopped", self.id)
 
@@ -142,7 +156,15 @@ class Worker:
         """Jobs of dead consumers first (registry), then anything idle too long (XAUTOCLAIM)."""
         out: list[Delivery] = []
         live = await registry.live_worker_ids(self.redis, self.pool.name, self.ttl_s)
-        for c in await self.redis.xinfo_consumers(self.queue.key, self.queue.group):
+        try:
+            consumers = await self.redis.xinfo_consumers(self.queue.key, self.queue.group)
+        except ResponseError as exc:
+            # The stream or group vanished (Redis restarted without data): recreate it, nothing to take.
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc).lower():
+                raise
+            await self.queue.ensure_group()
+            return out
+        for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             if name == self.id or name in live:
                 continue
@@ -160,6 +182,8 @@ class Worker:
         return out
 
     def _start(self, d: Delivery) -> None:
+        if d.entry_id in self.running:
+            return  # our own running job came back through XAUTOCLAIM: never run it twice here
         task = asyncio.create_task(self._execute(d), name=f"job-{d.entry_id}")
         self.running[d.entry_id] = (task, d)
         metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
@@ -200,17 +224,37 @@ class Worker:
             metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
             self._slot_freed.set()
 
-    async def _heartbeats(self, stop: asyncio.Event) -> None:
+    async def _heartbeats(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self._beat_stop.is_set():
             try:
                 self.record.slots_busy = len(self.running)
                 await registry.heartbeat(self.redis, self.record, self.ttl_s)
+                await self._touch_running()
                 backoff.reset()
-                await asyncio.sleep(self.heartbeat_s)
             except TRANSIENT_ERRORS as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.id, exc)
                 await backoff.sleep()
+                continue
+            try:
+                await asyncio.wait_for(self._beat_stop.wait(), timeout=self.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    async def _touch_running(self) -> None:
+        """Reset the idle time of the jobs running here (XCLAIM JUSTID: delivery count unchanged).
+
+        XAUTOCLAIM takes any entry idle longer than `claim_idle_ms`, and an entry's
+        idle time counts from its delivery: without this, a healthy job running
+        longer than that is taken by a peer, run twice, and after `max_deliveries`
+        such takeovers dead-lettered while it is still running.
+        """
+        async with self._touch_lock:
+            ids = list(self.running)
+            if ids:
+                await self.redis.xclaim(
+                    self.queue.key, self.queue.group, self.id, min_idle_time=0, message_ids=ids, justid=True
+                )
 
     async def _drain(self) -> None:
         if not self.running:
@@ -220,14 +264,14 @@ class Worker:
         await asyncio.wait(tasks, timeout=self.drain_timeout_s)
         leftover = list(self.running.values())
         for task, _ in leftover:
-            task.cancel()
-        await asyncio.gather(*(t for t, _ in leftover), return_exceptions=True)
-        for _, d in leftover:
-            try:
-                await self.queue.release(d.entry_id)
-                metrics.JOBS.labels(*self._labels, "released").inc()
-            except TRANSIENT_ERRORS:
-                log.warning("could not hand back %s; it will be reclaimed after claim_idle_ms", d.entry_id)
+            await finish_task(task, grace_s=0.0)
+        async with self._touch_lock:
+            for _, d in leftover:
+                try:
+                    await self.queue.release(d.entry_id)
+                    metrics.JOBS.labels(*self._labels, "released").inc()
+                except TRANSIENT_ERRORS:
+                    log.warning("could not hand back %s; it will be reclaimed after claim_idle_ms", d.entry_id)
         self.running.clear()
 
 
