@@ -1,8 +1,9 @@
 """The bridge process core: its sessions, the ingest tick and the stream reader.
 
-Every 20 ms one tick takes the new caller frames of ALL sessions, publishes
-them in one pipelined round trip, and runs VAD over all of them in one batched
-inference (in a thread). One reader task follows every session's events,
+Caller frames are published as they arrive (CallSession.push_audio; the
+publisher coalesces all sessions' frames of one loop turn into one round
+trip). Every 20 ms one tick runs VAD over all sessions' new frames in one
+batched inference (in a thread). One reader task follows every session's events,
 tokens and audio.out streams through one multiplexed XREAD and hands each
 message to its session. Transports (WebRTC, LiveKit) only open sessions, push
 caller audio and pull agent frames.
@@ -20,7 +21,7 @@ from typing import Any
 from shared import metrics
 from shared.bus import BatchPublisher, StreamMux, session_of
 from shared.config import Config
-from shared.protocol import AudioFrame, ChatMessage, Keys, SessionMeta, encode, frame_entry_id, validate_session_id
+from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
 from shared.redis_conn import connect, wait_ready
 from shared.routing import Router
 
@@ -161,9 +162,7 @@ class Bridge:
         for sid, session in self.sessions.items():
             if sid not in self.vad:
                 continue
-            for seq, pcm, ts in session.take_frames():
-                self.publisher.publish_nowait(Keys.audio_in(sid), AudioFrame(session=sid, seq=seq, pcm=pcm, ts=ts),
-                                              entry_id=frame_entry_id(seq))
+            for seq, pcm, _ in session.take_frames():  # already published by push_audio
                 try:
                     self.vad.push(sid, seq, pcm)
                     pushed = True

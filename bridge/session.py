@@ -31,6 +31,7 @@ from shared.cancel import publish_cancel
 from shared.protocol import (
     FRAME_SAMPLES,
     AsrJob,
+    AudioFrame,
     AudioOut,
     Cancel,
     Cancelled,
@@ -47,6 +48,7 @@ from shared.protocol import (
     TtsJob,
     TurnMark,
     encode,
+    frame_entry_id,
 )
 
 from .audio import Framer
@@ -161,10 +163,18 @@ class CallSession:
 
     # ---------------------------------------------------------------- transport side
     def push_audio(self, pcm16k: np.ndarray, capture_ts: float | None = None) -> None:
-        """Caller audio, 16 kHz mono int16, any length: cut into 20 ms frames for the next tick."""
+        """Caller audio, 16 kHz mono int16, any length, cut into 20 ms frames.
+
+        Each frame is published at once (the publisher still puts every session's
+        frames of one loop turn in one round trip); VAD sees them at the next tick.
+        """
         ts = capture_ts or time.time()
+        key = Keys.audio_in(self.id)
         for frame in self._framer.push(pcm16k):
-            self._frames.append((self._seq, frame.tobytes(), ts))
+            pcm = frame.tobytes()
+            self.bridge.publisher.publish_nowait(key, AudioFrame(session=self.id, seq=self._seq, pcm=pcm, ts=ts),
+                                                 entry_id=frame_entry_id(self._seq))
+            self._frames.append((self._seq, pcm, ts))
             self._seq += 1
 
     def next_frame(self) -> OutFrame | None:
