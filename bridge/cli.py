@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="webrtc: accept browsers directly (default); livekit: join rooms as an agent "
                         "(LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET)")
     p.add_argument("--health-port", type=int, default=8081, help="livekit transport: health/metrics port (0: any)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="also serve Prometheus /metrics on this port (0: off; the WebRTC port serves /metrics anyway)")
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -35,6 +37,10 @@ async def _main(args: argparse.Namespace) -> int:
     from .transports import create
 
     config = load_config(args.pools)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     async with redis_url_or_embedded(args.redis_url) as redis_url:
         bridge = Bridge(redis_url, config)
         if args.transport == "livekit":

@@ -185,6 +185,8 @@ class CallSession:
         if frame.first:
             t = self._times(frame.turn)
             t.first_audio_ts = self.playout.turns[frame.turn].first_sent_at or time.time()
+            if t.speech_end_ts:
+                metrics.VOICE_TO_VOICE_MS.observe((t.first_audio_ts - t.speech_end_ts) * 1000)
             self._set_state(TurnState.AGENT_SPEAKING, frame.turn)
             self._send_waterfall(t)
         if frame.last:
@@ -228,6 +230,7 @@ class CallSession:
         t.endpoint_ts = time.time()
         t.speech_end_ts = self._frame_ts.get(event.end_frame, t.endpoint_ts)
         t.endpoint_ms = event.silence_ms
+        metrics.ENDPOINTING_MS.observe(event.silence_ms)
         if self.state == TurnState.USER_SPEAKING:
             self._set_state(TurnState.THINKING, self.turn)
         if spec is None:
@@ -295,7 +298,8 @@ class CallSession:
         if isinstance(msg, AudioOut):
             if msg.turn >= self.agent_turn:
                 if msg.seq == 0:
-                    self._times(msg.turn).hops["audio_out"] = max(0.0, (time.time() - msg.ts) * 1000)
+                    hop = self._times(msg.turn).hops["audio_out"] = max(0.0, (time.time() - msg.ts) * 1000)
+                    metrics.BUS_HOP_MS.labels("audio_out").observe(hop)
                 self.playout.add(msg)
         elif isinstance(msg, TokenChunk):
             self._on_token(msg)
@@ -342,6 +346,7 @@ class CallSession:
         if not t.transcript_ts:
             t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
             t.hops["transcript"] = max(0.0, (t.transcript_ts - msg.ts) * 1000)
+            metrics.BUS_HOP_MS.labels("transcript").observe(t.hops["transcript"])
         self.sink.send_control({"type": "transcript", "role": "user", "final": True, "text": msg.text, "turn": msg.turn})
         if not msg.text.strip():
             if msg.turn == self.turn and self.state == TurnState.THINKING and self._pending_barge is None:

@@ -48,20 +48,22 @@ async def cancelled_turn(redis: aioredis.Redis, session: str) -> int:
 class CancelWatch:
     """Set when the session's `turn` (or a later one) is cancelled."""
 
-    __slots__ = ("session", "turn", "event", "reason")
+    __slots__ = ("session", "turn", "event", "reason", "cancel_ts")
 
     def __init__(self, session: str, turn: int) -> None:
         self.session, self.turn = session, turn
         self.event = asyncio.Event()
         self.reason = ""
+        self.cancel_ts = 0.0  # when the bridge published the cancel (wall clock)
 
     @property
     def cancelled(self) -> bool:
         return self.event.is_set()
 
-    def fire(self, reason: str) -> None:
+    def fire(self, reason: str, ts: float = 0.0) -> None:
         if not self.event.is_set():
             self.reason = reason
+            self.cancel_ts = ts
             self.event.set()
 
     async def wait(self) -> None:
@@ -105,7 +107,7 @@ class CancelHub:
     def _dispatch(self, cancel: Cancel) -> None:
         for w in list(self._watches.get(cancel.session, ())):
             if w.turn <= cancel.turn:
-                w.fire(cancel.reason)
+                w.fire(cancel.reason, cancel.ts)
 
     async def _resync(self) -> None:
         """After a reconnect: fire watches whose turn was cancelled while we were away."""

@@ -34,3 +34,28 @@ CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control mess
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
 PREEMPTIVE_TURNS = Counter("voxbus_preemptive_turns_total", "Turns started before the end of speech was certain",
                            ["outcome"])
+
+# --- turn latency (issue #7): one histogram per step of a turn; labels never carry session ids ---
+VOICE_BUCKETS_MS = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1500, 2000, 2500, 3000, 4000, 5000, 7500,
+                    10000)
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000)
+# (stage, mark) are those of the TurnMark the worker publishes for the same figure: asr/done,
+# llm/ttft, llm/done, tts/first_audio, tts/first_clause; <stage>/queue_wait is enqueue -> claim.
+STAGE_LATENCY_MS = Histogram(
+    "voxbus_stage_latency_ms", "Latency of one step of a turn in a worker, by stage and mark",
+    ["stage", "mark", "pool", "gpu_type"], buckets=LATENCY_BUCKETS_MS,
+)
+LLM_TOKENS_PER_S = Histogram(
+    "voxbus_llm_tokens_per_second", "Decode rate of one LLM reply after its first token",
+    ["pool", "stage", "gpu_type"], buckets=TOKENS_PER_S_BUCKETS,
+)
+BARGE_IN_STOP_MS = Histogram(
+    "voxbus_barge_in_stop_ms", "Cancel published by the bridge -> the worker's job stopped",
+    ["pool", "stage", "gpu_type"], buckets=LATENCY_BUCKETS_MS,
+)
+ENDPOINTING_MS = Histogram(
+    "voxbus_endpointing_ms", "Last voiced frame of the caller -> the VAD ending the turn", buckets=LATENCY_BUCKETS_MS
+)
+VOICE_TO_VOICE_MS = Histogram(
+    "voxbus_voice_to_voice_ms", "Last voiced frame of the caller -> first agent audio frame sent", buckets=VOICE_BUCKETS_MS
+)

@@ -21,6 +21,7 @@ hangs the shutdown for good.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ from shared.cancel import CancelHub
 from shared.tasks import finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
-from shared.protocol import Cancelled, JobFailed, Keys, WorkerRecord
+from shared.protocol import Cancelled, JobFailed, Keys, TurnMark, WorkerRecord
 from shared.redis_conn import TRANSIENT_ERRORS, Backoff, connect, redact_url, wait_ready
 from workers import registry
 from workers.stages import Outcome, StageContext, StageHandler, create_handler
@@ -74,6 +75,8 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[None], Delivery]] = {}
         self.ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._durations: collections.deque[float] = collections.deque(maxlen=200)
+        self._waits: collections.deque[float] = collections.deque(maxlen=200)
         self._beat_stop = asyncio.Event()
         # Held while touching running jobs and while handing jobs back, so a touch
         # in flight can never re-take a job that the drain has just released.
@@ -191,6 +194,14 @@ class Worker:
     async def _execute(self, d: Delivery) -> None:
         job = d.job
         stage = self.pool.stage
+        started = time.time()
+        if d.deliveries == 1:  # a retry's wait would measure the failure, not the queue
+            wait_ms = max(0.0, (started - job.ts) * 1000)
+            self._waits.append(wait_ms)
+            metrics.STAGE_LATENCY_MS.labels(stage=stage, mark="queue_wait", pool=self.pool.name,
+                                            gpu_type=self.pool.gpu_type).observe(wait_ms)
+            self.publisher.publish_nowait(Keys.events(job.session), TurnMark(
+                session=job.session, turn=job.turn, stage=stage, mark="queue_wait", value_ms=wait_ms))
         try:
             watch = await self.hub.watch(job.session, job.turn)
             try:
@@ -201,10 +212,14 @@ class Worker:
                     metrics.JOBS.labels(*self._labels, "skipped").inc()
                 else:
                     outcome = await self.handler.handle(job, watch)
+                    if outcome is Outcome.CANCELLED and watch.cancel_ts:
+                        metrics.BARGE_IN_STOP_MS.labels(*self._labels).observe(
+                            max(0.0, (time.time() - watch.cancel_ts) * 1000))
             finally:
                 self.hub.unwatch(watch)
             await self.queue.ack(d.entry_id)
             self.record.jobs_done += 1
+            self._durations.append((time.time() - started) * 1000)
             metrics.JOBS.labels(*self._labels, outcome.value).inc()
         except asyncio.CancelledError:
             raise  # drain hands it back
@@ -213,7 +228,9 @@ class Worker:
             log.exception("worker %s: job %s (%s turn %d) failed", self.id, d.entry_id, job.session, job.turn)
             metrics.JOBS.labels(*self._labels, "failed").inc()
             try:
-                if await self.queue.fail(d, reason):
+                if not await self.queue.fail(d, reason):
+                    metrics.JOBS.labels(*self._labels, "retried").inc()
+                else:
                     metrics.JOBS.labels(*self._labels, "dead_lettered").inc()
                     await self.publisher.publish(Keys.events(job.session), JobFailed(
                         session=job.session, turn=job.turn, stage=stage, reason=reason[:500]))
@@ -224,11 +241,22 @@ class Worker:
             metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
             self._slot_freed.set()
 
+    def _update_percentiles(self) -> None:
+        """Recent job durations and queue waits, for the registry (voxbus top, the exporter)."""
+        if self._durations:
+            d = sorted(self._durations)
+            self.record.job_p50_ms = round(d[len(d) // 2], 1)
+            self.record.job_p99_ms = round(d[min(len(d) - 1, int(len(d) * 0.99))], 1)
+        if self._waits:
+            w = sorted(self._waits)
+            self.record.wait_p95_ms = round(w[min(len(w) - 1, int(len(w) * 0.95))], 1)
+
     async def _heartbeats(self) -> None:
         backoff = Backoff()
         while not self._beat_stop.is_set():
             try:
                 self.record.slots_busy = len(self.running)
+                self._update_percentiles()
                 await registry.heartbeat(self.redis, self.record, self.ttl_s)
                 await self._touch_running()
                 backoff.reset()

@@ -90,6 +90,13 @@ async def healthz(request: web.Request) -> web.Response:
                               "max_sessions": bridge.config.bridge.max_sessions})
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """The bridge process's Prometheus metrics (sessions, barge-ins, voice-to-voice, ...)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
 
@@ -100,6 +107,7 @@ def build_app(transport: WebRtcTransport) -> web.Application:
     app.router.add_post("/v1/offer", offer)
     app.router.add_get("/v1/config", client_config)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_get("/", page)
     app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
     return app

@@ -13,9 +13,11 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
+from shared import metrics
 from shared.bus import BatchPublisher
 from shared.cancel import CancelWatch
 from shared.config import PoolConfig
+from shared.protocol import Keys, TurnMark
 
 HANDLERS: dict[str, str] = {
     "asr": "workers.stages.asr:AsrStage",
@@ -35,6 +37,13 @@ class StageContext:
     publisher: BatchPublisher
     pool: PoolConfig
     worker_id: str
+
+    def mark(self, job: Any, mark: str, value_ms: float) -> None:
+        """A latency mark of the job's turn: into the session's events and the stage histogram."""
+        self.publisher.publish_nowait(Keys.events(job.session), TurnMark(
+            session=job.session, turn=job.turn, stage=self.pool.stage, mark=mark, value_ms=value_ms))
+        metrics.STAGE_LATENCY_MS.labels(stage=self.pool.stage, mark=mark, pool=self.pool.name,
+                                        gpu_type=self.pool.gpu_type).observe(value_ms)
 
 
 class StageHandler(Protocol):

@@ -21,7 +21,6 @@ from shared.protocol import (
     Keys,
     ProtocolError,
     Transcript,
-    TurnMark,
     decode_entry,
     frame_entry_id,
 )
@@ -115,6 +114,6 @@ class AsrStage:
             start_seq=job.start_seq, end_seq=job.end_seq, asr_ms=asr_ms,
         ))
         if job.final:
-            pub.publish_nowait(events, TurnMark(session=job.session, turn=job.turn, stage="asr", mark="done", value_ms=asr_ms))
+            self.ctx.mark(job, "done", asr_ms)
         await pub.flush()
         return Outcome.DONE

@@ -21,7 +21,6 @@ from shared.protocol import (
     LlmJob,
     ProtocolError,
     TokenChunk,
-    TurnMark,
     decode_as,
     output_entry_id,
 )
@@ -60,6 +59,7 @@ class LlmStage:
         key = Keys.tokens(job.session)
         pub = self.ctx.publisher
         seq = 0
+        first_at = t0
         stream = self.engine.stream(
             messages, request_id=f"{job.session}-{job.turn}-{uuid.uuid4().hex[:8]}", max_tokens=job.max_tokens, watch=watch
         )
@@ -70,9 +70,8 @@ class LlmStage:
                 if not delta:
                     continue
                 if seq == 0:
-                    ttft = (time.perf_counter() - t0) * 1000
-                    pub.publish_nowait(Keys.events(job.session), TurnMark(
-                        session=job.session, turn=job.turn, stage="llm", mark="ttft", value_ms=ttft))
+                    first_at = time.perf_counter()
+                    self.ctx.mark(job, "ttft", (first_at - t0) * 1000)
                 pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text=delta),
                                    entry_id=output_entry_id(job.turn, seq))
                 seq += 1
@@ -84,8 +83,10 @@ class LlmStage:
             return Outcome.CANCELLED
         pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text="", final=True),
                            entry_id=output_entry_id(job.turn, seq))
-        total = (time.perf_counter() - t0) * 1000
-        pub.publish_nowait(Keys.events(job.session), TurnMark(
-            session=job.session, turn=job.turn, stage="llm", mark="done", value_ms=total))
+        end = time.perf_counter()
+        self.ctx.mark(job, "done", (end - t0) * 1000)
+        if seq > 1 and end > first_at:
+            pool = self.ctx.pool
+            metrics.LLM_TOKENS_PER_S.labels(pool.name, pool.stage, pool.gpu_type).observe((seq - 1) / (end - first_at))
         await pub.flush()
         return Outcome.DONE

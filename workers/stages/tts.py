@@ -24,7 +24,6 @@ from shared.protocol import (
     ProtocolError,
     TokenChunk,
     TtsJob,
-    TurnMark,
     decode_entry,
     output_entry_id,
     turn_start_exclusive,
@@ -69,9 +68,9 @@ class TtsStage:
             if expect == 0:
                 first_ts = _first_token_ts(reply[0][1])
                 if first_ts is not None:  # how long the first token took to reach this worker
-                    self.ctx.publisher.publish_nowait(Keys.events(job.session), TurnMark(
-                        session=job.session, turn=job.turn, stage="tts", mark="token_hop",
-                        value_ms=max(0.0, (time.time() - first_ts) * 1000)))
+                    hop_ms = max(0.0, (time.time() - first_ts) * 1000)
+                    self.ctx.mark(job, "token_hop", hop_ms)
+                    metrics.BUS_HOP_MS.labels("tokens").observe(hop_ms)
             for entry_id, fields in reply[0][1]:
                 last = entry_id
                 try:
@@ -122,13 +121,8 @@ class TtsStage:
                     if watch.cancelled:
                         break
                     if seq == 0:  # synthesis time of the first clause, and how long the clause took to arrive
-                        events = Keys.events(job.session)
-                        pub.publish_nowait(events, TurnMark(
-                            session=job.session, turn=job.turn, stage="tts", mark="first_audio",
-                            value_ms=(time.perf_counter() - clause_at) * 1000))
-                        pub.publish_nowait(events, TurnMark(
-                            session=job.session, turn=job.turn, stage="tts", mark="first_clause",
-                            value_ms=(clause_at - t0) * 1000))
+                        self.ctx.mark(job, "first_audio", (time.perf_counter() - clause_at) * 1000)
+                        self.ctx.mark(job, "first_clause", (clause_at - t0) * 1000)
                     pub.publish_nowait(key, AudioOut(
                         session=job.session, turn=job.turn, seq=seq, rate=rate,
                         pcm=pcm[start:start + max_samples].tobytes(), text=label), entry_id=output_entry_id(job.turn, seq))
