@@ -74,6 +74,7 @@ class Bridge:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        await self.mux.aclose()
         await self.publisher.close()
         await self.redis.aclose()
 

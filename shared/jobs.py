@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from . import metrics
-from .bus import dead_letter
+from .bus import dead_letter, reject_label
 from .protocol import (
     ENTRY_FIELD,
     MAX_ENTRY_BYTES,
@@ -37,31 +37,6 @@ log = logging.getLogger("voxbus.jobs")
 # Rejection reasons quote the offending input (sizes, session ids, type tags): as
 # metric labels they would let garbage create unbounded time series. Map each
 # reason to one of these few labels instead (first match wins).
-_REJECT_LABELS: tuple[tuple[str, str], ...] = (
-    ("exceeds", "oversized"),
-    ("exactly the field", "wrong fields"),
-    ("invalid session id", "invalid session"),
-    ("names session", "wrong session"),
-    ("at `$.type`", "unknown type"),
-    ("unexpected message", "wrong type"),
-    ("does not belong", "wrong type"),
-    ("is not a job", "wrong type"),
-    (" pool", "wrong type"),  # "LlmJob in a AsrJob pool"
-    ("messagepack", "undecodable"),
-    ("truncated", "undecodable"),
-    ("expected bytes", "undecodable"),
-)
-
-
-def reject_label(reason: str) -> str:
-    """A bounded `reason` label for voxbus_bus_rejected_total."""
-    text = reason.lower()
-    for needle, label in _REJECT_LABELS:
-        if needle.lower() in text:
-            return label
-    return "invalid"
-
-
 @dataclass(slots=True)
 class Delivery:
     entry_id: str
