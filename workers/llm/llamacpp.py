@@ -21,6 +21,7 @@ prompts faster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -36,10 +37,10 @@ from shared.cancel import CancelWatch
 from shared.models import resolve
 from shared.protocol import ChatMessage
 from workers.llm.prompt import ChatDict, to_chat
+from workers.llm.streaming import END, DeltaStream
 
 log = logging.getLogger("voxbus.llm.llamacpp")
 
-_END = object()
 _TEMPLATE_TOKENS_PER_MESSAGE = 8  # role markers and separators, a safe overestimate
 
 
@@ -150,7 +151,7 @@ class LlamaCppLlm:
         if self._executor is None:
             raise RuntimeError("LlamaCppLlm.load() was not awaited")
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[Any] = asyncio.Queue()
+        stream = DeltaStream(watch)
         closed = threading.Event()
         stats = self.last_stats = GenerationStats(request_id)
 
@@ -160,7 +161,7 @@ class LlamaCppLlm:
 
         def emit(item: Any) -> None:
             try:
-                loop.call_soon_threadsafe(deltas.put_nowait, item)
+                loop.call_soon_threadsafe(stream.put, item)
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 closed.set()
 
@@ -172,35 +173,23 @@ class LlamaCppLlm:
                 emit(exc)
             finally:
                 self._free.put(llm)
-                emit(_END)
+                emit(END)
 
         done = loop.run_in_executor(self._executor, work)
-        waiter = asyncio.ensure_future(watch.wait()) if watch is not None else None
-        if waiter is not None:
-            waiter.add_done_callback(lambda _: deltas.put_nowait(_END))
-        item: Any = None
         try:
-            while True:
-                item = await deltas.get()
-                if item is _END or (watch is not None and watch.cancelled):
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async with contextlib.aclosing(stream.items()) as items:
+                async for item in items:
+                    yield item
         finally:
             closed.set()
-            if waiter is not None:
-                waiter.cancel()
             try:
                 await asyncio.shield(done)  # the instance is free again once this returns
             except asyncio.CancelledError:
                 pass
             if watch is not None and watch.cancelled:
                 stats.stopped = "cancelled"
-            elif isinstance(item, BaseException):
-                stats.stopped = "error"
-            elif item is not _END:
-                stats.stopped = "closed"
+            elif stream.outcome in ("error", "closed"):
+                stats.stopped = stream.outcome
 
     def _run(
         self,

@@ -13,6 +13,7 @@ sent only in the Authorization header: it never appears in logs or errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,10 +26,10 @@ import httpx
 from shared.cancel import CancelWatch
 from shared.protocol import ChatMessage
 from workers.llm.prompt import to_chat
+from workers.llm.streaming import END, DeltaStream
 
 log = logging.getLogger("voxbus.llm.openai")
 
-_END = object()
 _BODY_EXCERPT = 500
 DONE: Final = "[DONE]"
 
@@ -121,28 +122,19 @@ class OpenAiLlm:
     async def _stream(self, body: dict[str, Any], request_id: str, watch: CancelWatch | None) -> AsyncIterator[str]:
         if self._client is None:
             raise RuntimeError("OpenAiLlm.load() was not awaited")
-        deltas: asyncio.Queue[Any] = asyncio.Queue()
+        stream = DeltaStream(watch)
         # The HTTP stream is read by its own task so that a watch firing while the
         # server is silent (prefill, queueing) is acted on at once, not at the next chunk.
-        reader = asyncio.ensure_future(self._read(body, request_id, deltas))
-        waiter = asyncio.ensure_future(watch.wait()) if watch is not None else None
-        if waiter is not None:
-            waiter.add_done_callback(lambda _: deltas.put_nowait(_END))
+        reader = asyncio.ensure_future(self._read(body, request_id, stream))
         try:
-            while True:
-                item = await deltas.get()
-                if item is _END or (watch is not None and watch.cancelled):
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async with contextlib.aclosing(stream.items()) as items:
+                async for item in items:
+                    yield item
         finally:
-            if waiter is not None:
-                waiter.cancel()
             reader.cancel()  # leaves the `async with` in _read: the connection is closed
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _read(self, body: dict[str, Any], request_id: str, deltas: asyncio.Queue[Any]) -> None:
+    async def _read(self, body: dict[str, Any], request_id: str, stream: DeltaStream) -> None:
         assert self._client is not None
         log.debug("request %s to %s", request_id, self._where)
         try:
@@ -165,12 +157,12 @@ class OpenAiLlm:
                     if isinstance(payload, dict):
                         text = content_of(payload)
                         if text:
-                            deltas.put_nowait(text)
+                            stream.put(text)
         except asyncio.CancelledError:
             raise
         except httpx.HTTPError as exc:
-            deltas.put_nowait(LlmHttpError(f"POST {self._where} failed: {type(exc).__name__}: {exc}"))
+            stream.put(LlmHttpError(f"POST {self._where} failed: {type(exc).__name__}: {exc}"))
         except Exception as exc:
-            deltas.put_nowait(exc)
+            stream.put(exc)
         finally:
-            deltas.put_nowait(_END)
+            stream.put(END)

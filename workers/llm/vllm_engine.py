@@ -14,6 +14,7 @@ test double that implements the same contract).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -24,10 +25,10 @@ from typing import Any
 from shared.cancel import CancelWatch
 from shared.protocol import ChatMessage
 from workers.llm.prompt import ChatDict, to_chat
+from workers.llm.streaming import END, DeltaStream
 
 log = logging.getLogger("voxbus.llm.vllm")
 
-_END = object()
 
 
 @dataclass
@@ -83,8 +84,9 @@ class VllmLlm:
         self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
 
     def _build_engine(self) -> Any:
-        from shared.models import resolve
         from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from shared.models import resolve
 
         args: dict[str, Any] = dict(
             model=resolve(self.model),
@@ -151,36 +153,23 @@ class VllmLlm:
         self, prompt: str, params: Any, deltas: bool, request_id: str, watch: CancelWatch | None
     ) -> AsyncIterator[str]:
         outputs = self.engine.generate(prompt, params, request_id)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stream = DeltaStream(watch)
         # A pump task reads the engine so that a watch firing mid-step is acted on
         # at once (abort now, effective at the next scheduler step).
-        pump = asyncio.ensure_future(self._pump(outputs, deltas, queue))
-        waiter = asyncio.ensure_future(watch.wait()) if watch is not None else None
-        if waiter is not None:
-            waiter.add_done_callback(lambda _: queue.put_nowait(_END))
-        finished = False
+        pump = asyncio.ensure_future(self._pump(outputs, deltas, stream))
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    finished = watch is None or not watch.cancelled
-                    break
-                if watch is not None and watch.cancelled:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async with contextlib.aclosing(stream.items()) as items:
+                async for item in items:
+                    yield item
         finally:
-            if waiter is not None:
-                waiter.cancel()
-            if not finished:
+            if stream.outcome != "completed":
                 await self.engine.abort(request_id)
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
             await outputs.aclose()
 
     @staticmethod
-    async def _pump(outputs: Any, deltas: bool, queue: asyncio.Queue[Any]) -> None:
+    async def _pump(outputs: Any, deltas: bool, stream: DeltaStream) -> None:
         seen = 0
         try:
             async for out in outputs:
@@ -188,10 +177,10 @@ class VllmLlm:
                 if not deltas:
                     text, seen = text[seen:], len(text)
                 if text:
-                    queue.put_nowait(text)
+                    stream.put(text)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            queue.put_nowait(exc)
+            stream.put(exc)
         finally:
-            queue.put_nowait(_END)
+            stream.put(END)
