@@ -9,8 +9,11 @@ per session. Both survive Redis restarts with back-off instead of crashing.
 Both hot paths hold one connection of the client's pool for themselves and
 write hand-packed RESP commands on it (`Wire`): per frame, redis-py's generic
 pipeline costs more than the Redis work (pool checkout, Python packing, a timer
-per reply, response callbacks). Clients without a connection pool (Redis
-Cluster) take the generic redis-py path instead.
+per reply, response callbacks). On a Redis Cluster (a client without a
+connection pool) the publisher takes redis-py's generic path, whose cluster
+pipelines split each batch per node; the reader groups its streams by hash
+slot, because one XREAD may only name keys of one slot, and holds one
+connection per master for its hand-packed reads (see `StreamMux`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
 from . import metrics
 from .protocol import (
@@ -38,7 +44,7 @@ from .protocol import (
     encode,
     maxlen_for,
 )
-from .redis_conn import TRANSIENT_ERRORS, Backoff
+from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, node_client
 from .tasks import finish_task
 from .wire import Wire, as_bytes, bulk, has_pool, pack_xadd
 
@@ -239,7 +245,13 @@ class BatchPublisher:
         self._wake.set()
 
     async def _run_generic(self) -> None:
-        """One pipelined batch at a time through redis-py (clients without a connection pool)."""
+        """One pipelined batch at a time through redis-py (clients without a connection pool).
+
+        A Redis Cluster pipeline sends each node its share of the batch, all nodes
+        at once. A node that fails mid-batch leaves connection errors as the
+        results of its entries while the other nodes' entries landed: only the
+        failed entries stay queued, and go again (in their order) after back-off.
+        """
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -258,8 +270,19 @@ class BatchPublisher:
                 except Exception as exc:  # not retryable: fail this batch's callers, keep serving
                     log.exception("publish of %d entries failed", len(batch))
                     results = [exc] * len(batch)
-                self._backoff.reset()
                 del self._buf[: len(batch)]
+                retry = [item for item, res in zip(batch, results) if isinstance(res, TRANSIENT_ERRORS)]
+                if retry:
+                    done = [(item, res) for item, res in zip(batch, results) if not isinstance(res, TRANSIENT_ERRORS)]
+                    self._buf[:0] = retry
+                    if done:
+                        self._settle([item for item, _ in done], [res for _, res in done])
+                    metrics.BUS_RECONNECTS.labels("publisher").inc()
+                    log.warning("publish of %d of %d entries failed (%s); retrying", len(retry), len(batch),
+                                next(r for r in results if isinstance(r, TRANSIENT_ERRORS)))
+                    await self._backoff.sleep()
+                    continue
+                self._backoff.reset()
                 self._settle(batch, results)
 
     def _settle(self, batch: list[_Pending], results: list[Any]) -> None:
@@ -385,15 +408,41 @@ class StreamMux:
     single pipelined write without blocking; only when all of them come back
     empty does it block, in one XREAD over every stream, so an idle shard never
     holds back entries another shard already has.
+
+    On a Redis Cluster one XREAD may only name keys of one hash slot: streams
+    are grouped by slot (a session's streams share one, so each session is one
+    XREAD), and a round polls every group without BLOCK: each master gets the
+    XREADs of its slots hand-packed in one write on a connection held for it,
+    all masters at once. When nothing arrived the round sleeps
+    `cluster_poll_ms` and polls again, up to `block_ms`. Blocking instead would
+    need one blocked connection per slot group (a thousand sessions, a
+    thousand connections, each round waiting on the slowest). The price of
+    polling: up to `cluster_poll_ms` of added latency for the first entry
+    after a quiet spell, and while quiet about 1000 / cluster_poll_ms XREADs
+    per second per session (a few microseconds each, in Redis and here).
+    A slot that moved (MOVED/ASK) is read through redis-py, which follows the
+    redirect and updates the client's slot map; after a connection error the
+    next round goes through redis-py too, which re-reads the cluster layout.
     """
 
     def __init__(
-        self, redis: aioredis.Redis, *, block_ms: int = 50, count: int = 256, shard_size: int = 512
+        self,
+        redis: aioredis.Redis,
+        *,
+        block_ms: int = 50,
+        count: int = 256,
+        shard_size: int = 512,
+        cluster_poll_ms: float = 5.0,
     ) -> None:
         self._redis = redis
         self._block_ms = block_ms
         self._count = count
         self._shard = max(1, shard_size)
+        self._cluster = is_cluster(redis)
+        self._poll_s = max(0.0, cluster_poll_ms) / 1000
+        self._by_slot: dict[int, dict[str, None]] = {}  # cluster: slot -> followed keys (ordered set)
+        self._node_wires: dict[str, tuple[aioredis.Redis, Wire]] = {}  # cluster: node name -> its held connection
+        self._via_redis_py = False  # cluster: the next round goes through redis-py (after an error)
         self._pos: dict[str, bytes | str] = {}
         self._packed_keys: dict[str, bytes] = {}
         self._packed_ids: dict[str, bytes] = {}
@@ -417,17 +466,29 @@ class StreamMux:
         self._names[raw] = key
         self._packed_keys[key] = bulk(raw)
         self._set_pos(key, last_id)
+        if self._cluster:
+            self._by_slot.setdefault(key_slot(raw), {})[key] = None
 
     def remove(self, key: str) -> None:
-        self._pos.pop(key, None)
+        if self._pos.pop(key, None) is not None and self._cluster:
+            slot = key_slot(key.encode())
+            group = self._by_slot.get(slot, {})
+            group.pop(key, None)
+            if not group:
+                self._by_slot.pop(slot, None)
         self._packed_keys.pop(key, None)
         self._packed_ids.pop(key, None)
         self._names.pop(key.encode(), None)
 
     async def aclose(self) -> None:
-        """Give the held connection back to the client's pool (optional: `redis.aclose()` closes it too)."""
+        """Give the held connection back to the client's pool (optional: `redis.aclose()` closes it too).
+
+        On a cluster this closes the connections held for each node (not optional there).
+        """
         if self._wire is not None:
             await self._wire.release()
+        for name in list(self._node_wires):
+            await self._drop_node(name)
 
     def _set_pos(self, key: str, entry_id: bytes | str) -> None:
         self._pos[key] = entry_id
@@ -470,6 +531,8 @@ class StreamMux:
                 rejected.append((key, entry_id, fields, str(exc)))
 
     async def _fetch(self) -> list[Any]:
+        if self._cluster:
+            return await self._fetch_cluster()
         if self._wire is None:
             return await self._fetch_generic()
         if len(self._pos) <= self._shard:
@@ -504,6 +567,102 @@ class StreamMux:
 
     async def _xread(self, keys: list[str]):
         return await self._redis.xread({k: self._pos[k] for k in keys}, count=self._count, block=self._block_ms)
+
+    async def _fetch_cluster(self) -> list[Any]:
+        """Poll every slot group (one XREAD each, no BLOCK) until something arrives or `block_ms` ends."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._block_ms / 1000
+        while True:
+            replies = await self._poll_slots()
+            if any(replies):
+                return replies
+            left = deadline - loop.time()
+            if left <= 0 or not self._by_slot:
+                return []
+            await asyncio.sleep(min(self._poll_s, left))
+
+    async def _poll_slots(self) -> list[Any]:
+        """One XREAD per slot group, every master at once; the replies of those that answered."""
+        groups = [list(group) for group in self._by_slot.values()]
+        if self._via_redis_py:
+            replies = await self._poll_via_redis_py(groups)
+            self._via_redis_py = False
+            return replies
+        redis: Any = self._redis
+        plan: dict[str, tuple[Any, list[list[str]]]] = {}
+        try:
+            await redis.initialize()  # the slot map: read once, and again after redis-py dropped it
+            for keys in groups:
+                node = redis.get_node_from_key(keys[0])
+                plan.setdefault(node.name, (node, []))[1].append(keys)
+        except Exception:
+            self._via_redis_py = True
+            raise
+        # Packed now: a stream removed while the writes are scheduled must not break them.
+        packed = [b"".join([self._pack_xread(keys, None) for keys in node_groups]) for _, node_groups in plan.values()]
+        results = await asyncio.gather(
+            *(self._node_call(node, data, len(node_groups)) for (node, node_groups), data in zip(plan.values(), packed)),
+            return_exceptions=True,
+        )
+        replies: list[Any] = []
+        moved: list[list[str]] = []
+        failure: BaseException | None = None
+        for (_, node_groups), result in zip(plan.values(), results):
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            for keys, reply in zip(node_groups, result):
+                if isinstance(reply, (AskError, TryAgainError, ClusterDownError)):  # AskError: MOVED too
+                    moved.append(keys)
+                elif isinstance(reply, Exception):
+                    failure = failure or reply
+                else:
+                    replies.append(reply)
+        if failure is not None:
+            # The answered groups are dropped too: their positions did not move, so the
+            # next round reads them again, through redis-py, which re-reads the layout.
+            self._via_redis_py = True
+            raise failure
+        if moved:
+            replies += await self._poll_via_redis_py(moved)
+        return replies
+
+    async def _node_call(self, node: Any, packed: bytes, replies: int) -> list[Any]:
+        entry = self._node_wires.get(node.name)
+        if entry is None:
+            # A client of its own per node: the cluster client drops every node connection
+            # when it re-reads the layout, and no retries: read() backs off instead.
+            client = node_client(node, retry=Retry(NoBackoff(), 0))
+            entry = self._node_wires[node.name] = (client, Wire(client))
+        try:
+            return await entry[1].call(packed, replies)
+        except BaseException:
+            await self._drop_node(node.name)
+            raise
+
+    async def _drop_node(self, name: str) -> None:
+        entry = self._node_wires.pop(name, None)
+        if entry is not None:
+            client, wire = entry
+            await wire.drop()
+            await client.aclose()
+
+    async def _poll_via_redis_py(self, groups: list[list[str]]) -> list[Any]:
+        redis: Any = self._redis
+        pipe = redis.pipeline(transaction=False)
+        count, pos = self._count, self._pos
+        for keys in groups:
+            keys = [k for k in keys if k in pos]
+            if keys:
+                # The node is named here: left to redis-py, routing an XREAD (a command with
+                # "movable keys") costs a COMMAND GETKEYS round trip per XREAD.
+                pipe.execute_command(
+                    "XREAD", "COUNT", count, "STREAMS", *keys, *[pos[k] for k in keys],
+                    target_nodes=redis.get_node_from_key(keys[0]),
+                )
+        replies = await pipe.execute()
+        # redis-py's RESP3 callback nests each stream's entries one level deeper
+        return [[(k, v[0]) for k, v in r.items()] if isinstance(r, dict) else r for r in replies]
 
     async def _reject(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
 

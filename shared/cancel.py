@@ -9,19 +9,32 @@ session's cancel channel from start-up, so there is no window in which a job
 runs without being cancellable. Each running job holds a `CancelWatch`; the
 hub sets it when a cancel for its session and turn arrives. Engines check
 `watch.cancelled` between decode steps: a plain attribute read.
+
+On a Redis Cluster, classic PUBLISH is broadcast over the cluster bus to every
+node, so one pattern subscription on any one node hears the cancels of every
+session, whichever master holds its keys. The hub subscribes through a plain
+connection of its own to one node (picked at random, so the processes spread
+over the nodes) and moves to the next node as soon as that connection fails;
+the resync after every reconnect reads back (one MGET per slot) what was
+cancelled meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 from collections import defaultdict
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from . import metrics
 from .protocol import PREFIX, Cancel, Keys, ProtocolError, decode_as, encode
-from .redis_conn import TRANSIENT_ERRORS, Backoff
+from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, mget, node_client
 from .tasks import finish_task
 
 log = logging.getLogger("voxbus.cancel")
@@ -33,7 +46,13 @@ CANCELLED_TTL_S = 24 * 3600
 async def publish_cancel(redis: aioredis.Redis, cancel: Cancel) -> int:
     """Record and broadcast a cancel; returns how many subscribers got it."""
     # GREATEST semantics without a script: turns only grow, and the bridge is the only writer.
-    # One round trip; the key is set before the message flies, so a job starting in between sees it.
+    # The key is set before the message flies, so a job starting in between sees it.
+    if is_cluster(redis):
+        # redis-py refuses PUBLISH in a cluster pipeline, and two connections would not keep
+        # the order: one round trip more. The count is that of the node that got the PUBLISH.
+        await redis.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
+        return await redis.publish(Keys.cancel_channel(cancel.session), encode(cancel))
+    # One round trip.
     pipe = redis.pipeline(transaction=False)
     pipe.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
     pipe.publish(Keys.cancel_channel(cancel.session), encode(cancel))
@@ -78,6 +97,8 @@ class CancelHub:
         self._watches: dict[str, set[CancelWatch]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._turn = random.randrange(1 << 16)  # which cluster node to subscribe through next
+        self.node: str | None = None  # cluster: "host:port" of the node the subscription is on
 
     async def start(self) -> None:
         if self._task is None:
@@ -114,7 +135,7 @@ class CancelHub:
         sessions = list(self._watches)
         if not sessions:
             return
-        values = await self._redis.mget([Keys.cancelled_turn(s) for s in sessions])
+        values = await mget(self._redis, [Keys.cancelled_turn(s) for s in sessions])
         for sid, value in zip(sessions, values):
             if value is not None:
                 self._dispatch(Cancel(session=sid, turn=int(value), reason="cancelled during reconnect"))
@@ -131,8 +152,10 @@ class CancelHub:
         backoff = Backoff()
         first = True
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: Any = None
+            own_client: aioredis.Redis | None = None
             try:
+                pubsub, own_client = await self._pubsub()
                 await pubsub.psubscribe(CANCEL_PATTERN)
                 # redis-py reconnects (and re-subscribes) a broken pub/sub connection by itself
                 # inside get_message(), so this loop may never see the error: resync from there too.
@@ -164,9 +187,33 @@ class CancelHub:
                 log.warning("cancel subscription lost (%s); reconnecting", exc)
                 await backoff.sleep()
             finally:
-                if pubsub.connection is not None:
-                    pubsub.connection.deregister_connect_callback(self._on_reconnect)
-                try:
-                    await pubsub.aclose()
-                except Exception:  # the connection is already broken; nothing to release
-                    pass
+                if pubsub is not None:
+                    if pubsub.connection is not None:
+                        pubsub.connection.deregister_connect_callback(self._on_reconnect)
+                    try:
+                        await pubsub.aclose()
+                    except Exception:  # the connection is already broken; nothing to release
+                        pass
+                if own_client is not None:
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        await own_client.aclose()
+
+    async def _pubsub(self) -> tuple[Any, aioredis.Redis | None]:
+        """A pub/sub object, and on a cluster the client of the node it is bound to.
+
+        On a cluster: the next node in turn (every node hears every PUBLISH),
+        through a client without retries, so that a failing node sends this
+        loop to the next one at once instead of after the client's back-off.
+        """
+        if not is_cluster(self._redis):
+            return self._redis.pubsub(ignore_subscribe_messages=True), None
+        redis: Any = self._redis
+        await redis.initialize()  # no-op while the layout is known
+        nodes = sorted(redis.get_nodes(), key=lambda n: n.name)
+        if not nodes:
+            raise ConnectionError("the Redis Cluster lists no nodes")
+        node = nodes[self._turn % len(nodes)]
+        self._turn += 1
+        self.node = node.name
+        client = node_client(node, retry=Retry(NoBackoff(), 0))
+        return client.pubsub(ignore_subscribe_messages=True), client

@@ -1,4 +1,26 @@
-"""Opening Redis connections: URL parsing (TLS, ACL users), retries, redaction for logs."""
+"""Opening Redis connections: URL parsing (TLS, ACL users, Redis Cluster), retries, redaction for logs.
+
+Every process opens its clients through :func:`connect`, so the URL alone decides
+between one Redis server and a Redis Cluster:
+
+- ``redis://[user:password@]host:port/0`` (``rediss://`` for TLS, ``unix://`` for a
+  socket): one server; :func:`connect` returns a ``redis.asyncio.Redis``.
+- the same URL plus the query parameter ``cluster=true``, e.g.
+  ``redis://host:port/0?cluster=true`` or
+  ``rediss://voxbus:secret@redis-0.redis:6379?cluster=true&ssl_cert_reqs=required``:
+  a Redis Cluster; :func:`connect` returns a ``redis.asyncio.cluster.RedisCluster``.
+  The host is only the seed: the client asks it for the cluster's layout
+  (CLUSTER SLOTS) and then talks to every master directly, so any one node, or
+  a DNS name that resolves to any node, will do. TLS, ACL credentials and
+  redis-py's other query parameters work as for a single server; the database
+  must be 0 and unix sockets are refused (Redis Cluster has neither).
+  ``cluster=false`` (or no parameter) means a single server.
+
+Per-session keys carry the hash tag ``{sid}``, so a session lives on one slot;
+code that touches keys of several slots at once (MGET, XREAD over many
+sessions, pipelines) must split per slot on a cluster: see :func:`is_cluster`,
+:func:`mget`, `shared.bus` and `shared.cancel`.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +28,35 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError
+from redis.crc import key_slot
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("voxbus.redis")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# What a loop that must survive Redis restarts backs off on. The cluster errors are
+# what a Redis Cluster answers while a master fails over or a slot moves.
+TRANSIENT_ERRORS = (
+    RedisConnectionError, RedisTimeoutError, ConnectionError, OSError,
+    ClusterDownError, SlotNotCoveredError, TryAgainError,
+)
 
 
 def redis_url_from_env(default: str | None = DEFAULT_URL) -> str | None:
@@ -73,18 +111,156 @@ class TransientRetry(Retry):
             raise wrapped.error from None
 
 
-def connect(url: str, **kwargs) -> aioredis.Redis:
-    """A redis-py asyncio client for `url` (redis://, rediss://, unix://; user:password@ for ACL).
+def _retry() -> TransientRetry:
+    return TransientRetry(ExponentialBackoff(cap=1.0, base=0.02), retries=8)
 
-    Commands are retried with exponential back-off on connection errors, so a
-    Redis restart costs a pause, not a crash.
+
+def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A redis-py asyncio client for `url`: a `RedisCluster` when the URL says `cluster=true`.
+
+    redis://, rediss://, unix://; user:password@ for ACL; see the module
+    docstring for Redis Cluster. Commands are retried with exponential
+    back-off on connection errors, so a Redis restart (or a cluster failover)
+    costs a pause, not a crash.
     """
-    kwargs.setdefault("retry", TransientRetry(ExponentialBackoff(cap=1.0, base=0.02), retries=8))
-    kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError, ConnectionResetError])
+    url, cluster = split_cluster_flag(url)
     kwargs.setdefault("health_check_interval", 15)
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("socket_connect_timeout", 5)
+    if cluster:
+        return _connect_cluster(url, **kwargs)
+    kwargs.setdefault("retry", _retry())
+    kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError, ConnectionResetError])
     return aioredis.Redis.from_url(url, **kwargs)
+
+
+_TRUE, _FALSE = frozenset({"true", "yes", "on", "1"}), frozenset({"false", "no", "off", "0"})
+
+
+def split_cluster_flag(url: str) -> tuple[str, bool]:
+    """`url` without its `cluster` query parameter, and whether that parameter asked for a cluster."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, False
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    flags = [v.strip().lower() for k, v in pairs if k == "cluster"]
+    if not flags:
+        return url, False
+    for value in flags:
+        if value not in _TRUE | _FALSE:
+            raise ValueError(f"cluster={value!r} in the Redis URL: expected true or false")
+    rest = urlencode([(k, v) for k, v in pairs if k != "cluster"])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), flags[-1] in _TRUE
+
+
+class ClusterClient(RedisCluster):
+    """A RedisCluster that backs off between attempts like the single-node client.
+
+    redis-py 8.1's cluster client re-reads the cluster layout and retries a
+    failed command at once (it sleeps only on CLUSTERDOWN), so a node restart
+    would burn its retries in milliseconds. Commands here go through
+    `TransientRetry`; pipelines keep redis-py's own retries (0.25 s apart).
+    A seed that cannot be reached surfaces as a ConnectionError (redis-py
+    raises a bare RedisClusterException), and refused credentials as the
+    AuthenticationError they are, so callers handle both as for one server.
+    XREAD and XREADGROUP are routed by their STREAMS keys here: redis-py asks
+    the server (COMMAND GETKEYS, one more round trip) for every such call.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._backoff_retry = _retry()
+        self._backoff_retry.update_supported_errors([ClusterDownError, SlotNotCoveredError, TryAgainError])
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            return await RedisCluster.execute_command(self, *args, **kwargs)
+
+        return await self._backoff_retry.call_with_retry(once, _ignore)
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if isinstance(command, str) and command.upper() in _STREAM_READS:
+            keys = _stream_read_keys(args)
+            if keys:
+                slots = {key_slot(self.encoder.encode(k)) for k in keys}
+                if len(slots) != 1:
+                    raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+                return slots.pop()
+        return await super()._determine_slot(command, *args)
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            cause = exc.__cause__
+            if isinstance(cause, AuthenticationError):
+                raise cause from None
+            if isinstance(cause, (RedisConnectionError, RedisTimeoutError, OSError)):
+                raise RedisConnectionError(str(exc)) from cause
+            raise
+
+
+async def _ignore(_error: BaseException) -> None:
+    return None
+
+
+_STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
+
+
+def _stream_read_keys(args: tuple[Any, ...]) -> list[Any]:
+    """The keys of `XREAD[GROUP] ... STREAMS k1 .. kn id1 .. idn` (empty when malformed)."""
+    for i, arg in enumerate(args):
+        if isinstance(arg, (str, bytes)) and arg.upper() in ("STREAMS", b"STREAMS"):
+            rest = args[i + 1 :]
+            return list(rest[: len(rest) // 2]) if rest and len(rest) % 2 == 0 else []
+    return []
+
+
+def _connect_cluster(url: str, **kwargs: Any) -> ClusterClient:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"a Redis Cluster URL must be redis:// or rediss://, not {parts.scheme}://")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a Redis Cluster has only database 0, the URL names {parts.path.strip('/')!r}")
+    # Only the number of attempts is read from it: the back-off is ClusterClient's.
+    kwargs.setdefault("retry", TransientRetry(ExponentialBackoff(cap=1.0, base=0.02), retries=3))
+    return ClusterClient.from_url(url, **kwargs)
+
+
+def is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+# What a cluster client's node connections carry that a single-node client takes as is.
+_NODE_SETTINGS = (
+    "username", "password", "credential_provider", "client_name", "driver_info", "encoding", "encoding_errors",
+    "decode_responses", "protocol", "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+    "socket_keepalive_options", "socket_read_size", "health_check_interval", "ssl_keyfile", "ssl_certfile",
+    "ssl_cert_reqs", "ssl_include_verify_flags", "ssl_exclude_verify_flags", "ssl_ca_certs", "ssl_ca_data",
+    "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+)
+
+
+def node_client(node: ClusterNode, **kwargs: Any) -> aioredis.Redis:
+    """A plain single-node client of one cluster node, with the cluster client's credentials and TLS.
+
+    Its connections are its own: the cluster client drops all of its node
+    connections whenever it re-reads the cluster's layout, which would cut a
+    long-lived subscription each time.
+    """
+    settings = {k: v for k, v in node.connection_kwargs.items() if k in _NODE_SETTINGS}
+    settings["ssl"] = issubclass(node.connection_class, SSLConnection)
+    settings.update(kwargs)
+    return aioredis.Redis(host=node.host, port=int(node.port), **settings)
+
+
+async def mget(redis: Any, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET of keys in any slots: one MGET per slot on a cluster (not atomic across slots)."""
+    if not keys:
+        return []
+    if is_cluster(redis):
+        return await redis.mget_nonatomic(list(keys))
+    return await redis.mget(list(keys))
 
 
 async def wait_ready(client: aioredis.Redis, timeout: float = 10.0, url: str = "") -> None:

@@ -73,6 +73,7 @@ async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, 
         results.append(("cancel", w_a.cancelled and not w_b.cancelled, f"cancel reached its session in {cms:.1f} ms, other session untouched"))
         await hub.close()
         await pub.close()
+        await mux.aclose()
 
         keys = [k for sid in sids for k in Keys.session_streams(sid)] + [Keys.cancelled_turn(s) for s in sids]
         keys += [Keys.pool_jobs(pool), Keys.pool_dlq(pool), Keys.pool_errors(pool)]

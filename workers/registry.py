@@ -3,7 +3,9 @@
 Each pool has a sorted set (worker id -> last heartbeat), which makes "is this
 consumer alive?" one ZSCORE and lets a peer reclaim a dead worker's jobs
 within about `ttl` seconds of its death; each worker also has a record (its
-slots, model, GPU type) under a key that expires on its own.
+slots, model, GPU type) under a key that expires on its own. Worker records
+carry no hash tag, so on a Redis Cluster they spread over the slots and are
+read with one MGET per slot.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 import redis.asyncio as aioredis
 
 from shared.protocol import Keys, ProtocolError, WorkerRecord, decode_worker, encode
+from shared.redis_conn import mget
 
 
 async def heartbeat(redis: aioredis.Redis, rec: WorkerRecord, ttl_s: float) -> None:
@@ -44,7 +47,7 @@ async def worker_records(redis: aioredis.Redis, pool: str) -> list[WorkerRecord]
     ids = await redis.zrange(Keys.pool_workers(pool), 0, -1)
     if not ids:
         return []
-    raw = await redis.mget([Keys.worker(pool, i.decode() if isinstance(i, bytes) else i) for i in ids])
+    raw = await mget(redis, [Keys.worker(pool, i.decode() if isinstance(i, bytes) else i) for i in ids])
     out: list[WorkerRecord] = []
     for data in raw:
         if data is None:
