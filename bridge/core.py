@@ -32,6 +32,7 @@ from .vad.segmenter import BatchVad, EndpointConfig
 log = logging.getLogger("voxbus.bridge")
 
 TICK_S = 0.02
+VAD_DELIVERY_BATCH = 32  # sessions whose VAD events are handled concurrently in a tick
 SESSION_TTL_S = 24 * 3600
 
 
@@ -159,21 +160,34 @@ class Bridge:
                 self.vad.add(sid)
             elif sid in self.vad:
                 self.vad.remove(sid)
-        pushed = False
-        for sid, session in self.sessions.items():
-            if sid not in self.vad:
-                continue
-            for seq, pcm, _ in session.take_frames():  # already published by push_audio
-                try:
-                    self.vad.push(sid, seq, pcm)
-                    pushed = True
-                except ValueError as exc:  # one bad frame must not cost the other sessions their tick
-                    log.warning("session %s: VAD rejected frame %d: %s", sid, seq, exc)
-        if pushed:
-            for sid, event in await asyncio.to_thread(self.vad.process):
-                session = self.sessions.get(sid)
-                if session is not None:
+        # Frames were already published by push_audio; here they only go to the VAD. Pushing
+        # them happens in the thread too: per frame it is Python work the loop must not wait on.
+        batch = [(sid, frames) for sid, session in self.sessions.items()
+                 if sid in self.vad and (frames := session.take_frames())]
+        if batch:
+            events, rejected = await asyncio.to_thread(self.vad.feed, batch)
+            for sid, seq, reason in rejected:  # one bad frame must not cost the other sessions their tick
+                log.warning("session %s: VAD rejected frame %d: %s", sid, seq, reason)
+            # Each session's events in order, sessions concurrently: their job submissions
+            # (each waits for the publisher's round trip) overlap instead of queueing.
+            per_session: dict[str, list[Any]] = {}
+            for sid, event in events:
+                per_session.setdefault(sid, []).append(event)
+
+            async def deliver(session: CallSession, session_events: list[Any]) -> None:
+                for event in session_events:
                     await session.on_vad(event)
+
+            sids = list(per_session)
+            for i in range(0, len(sids), VAD_DELIVERY_BATCH):  # bounded: each may hold a Redis connection
+                # looked up per chunk: a session can close while an earlier chunk awaits
+                chunk = [(sid, session) for sid in sids[i : i + VAD_DELIVERY_BATCH]
+                         if (session := self.sessions.get(sid)) is not None]
+                results = await asyncio.gather(*(deliver(session, per_session[sid]) for sid, session in chunk),
+                                               return_exceptions=True)
+                for (sid, _), result in zip(chunk, results):
+                    if isinstance(result, Exception):
+                        log.error("session %s: handling its VAD events failed", sid, exc_info=result)
         now = time.time()
         for session in list(self.sessions.values()):
             session.tick(now)

@@ -22,6 +22,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -168,14 +169,18 @@ class CallSession:
         Each frame is published at once (the publisher still puts every session's
         frames of one loop turn in one round trip); VAD sees them at the next tick.
         """
+        frames = self._framer.push(pcm16k)
+        if not frames:
+            return
         ts = capture_ts or time.time()
         key = Keys.audio_in(self.id)
-        for frame in self._framer.push(pcm16k):
+        publish = self.bridge.publisher.publish_nowait
+        for frame in frames:
             pcm = frame.tobytes()
-            self.bridge.publisher.publish_nowait(key, AudioFrame(session=self.id, seq=self._seq, pcm=pcm, ts=ts),
-                                                 entry_id=frame_entry_id(self._seq))
-            self._frames.append((self._seq, pcm, ts))
-            self._seq += 1
+            seq = self._seq
+            publish(key, AudioFrame(session=self.id, seq=seq, pcm=pcm, ts=ts), entry_id=frame_entry_id(seq))
+            self._frames.append((seq, pcm, ts))
+            self._seq = seq + 1
 
     def next_frame(self) -> OutFrame | None:
         """The agent frame to send now (None: send silence); drives agent_speaking/listening."""
@@ -201,11 +206,12 @@ class CallSession:
     # ---------------------------------------------------------------- bridge side
     def take_frames(self) -> list[tuple[int, bytes, float]]:
         frames, self._frames = self._frames, []
+        frame_ts = self._frame_ts
         for seq, _, ts in frames:
-            self._frame_ts[seq] = ts
-        if len(self._frame_ts) > 3000:
-            for seq in sorted(self._frame_ts)[:1500]:
-                del self._frame_ts[seq]
+            frame_ts[seq] = ts
+        if len(frame_ts) > 3000:  # seqs arrive in order, so the dict's first keys are the oldest
+            for seq in list(islice(frame_ts, 1500)):
+                del frame_ts[seq]
         return frames
 
     async def on_vad(self, event: SpeechStart | SpeechPause | SpeechEnd) -> None:

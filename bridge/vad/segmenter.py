@@ -6,6 +6,12 @@ sample came from, and runs a hysteresis state machine like Silero's VADIterator
 (speech when prob >= threshold, silence only below a lower neg_threshold).
 `BatchVad` holds every session of a bridge and scores all ready windows in one
 batched engine call per round.
+
+Per-frame and per-window work is what limits how many sessions one bridge
+holds, so a session keeps its pending audio as raw PCM16 bytes (appending a
+frame is a bytes copy, not an array concatenation), and `BatchVad.feed` /
+`process` convert and measure (dBFS) all sessions' frames and windows in
+single array operations; only the state machine runs per session.
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from bridge.vad import VadEngine
-from shared.protocol import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, SpeechEnd, SpeechPause, SpeechStart, validate_session_id
+from shared.protocol import (
+    FRAME_BYTES,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    SpeechEnd,
+    SpeechPause,
+    SpeechStart,
+    validate_session_id,
+)
 
 log = logging.getLogger("voxbus.vad")
 
@@ -65,7 +79,7 @@ class SpeechSegmenter:
         self.sid = validate_session_id(sid)
         self.config = config
         self.window = window_samples
-        self._buf = np.zeros(0, dtype=np.float32)  # received, not yet scored
+        self._pcm = bytearray()  # received PCM16, not yet scored
         self._scored = 0  # samples scored so far = start of the next window
         self._frames: deque[tuple[int, int, float]] = deque()  # (seq, first sample, dBFS), oldest first
         self._last_seq: int | None = None
@@ -90,10 +104,15 @@ class SpeechSegmenter:
 
     @property
     def pending_samples(self) -> int:
-        return len(self._buf)
+        return len(self._pcm) >> 1
 
     def push(self, seq: int, pcm: bytes, rate: int = SAMPLE_RATE) -> None:
         """Append one 20 ms PCM16 frame; raises ValueError for a bad frame (state unchanged)."""
+        self.check(seq, pcm, rate)
+        self.append(seq, pcm, _dbfs(_to_float(pcm)))
+
+    def check(self, seq: int, pcm: bytes, rate: int = SAMPLE_RATE) -> None:
+        """Raise ValueError if `push(seq, pcm, rate)` would refuse the frame."""
         if rate != SAMPLE_RATE:
             raise ValueError(f"session {self.sid}: frame at {rate} Hz, expected {SAMPLE_RATE} Hz mono")
         if not isinstance(pcm, (bytes, bytearray, memoryview)) or len(pcm) != FRAME_BYTES:
@@ -103,29 +122,35 @@ class SpeechSegmenter:
             raise ValueError(f"session {self.sid}: bad frame seq {seq!r}")
         if self._last_seq is not None and seq <= self._last_seq:
             raise ValueError(f"session {self.sid}: frame seq {seq} not after {self._last_seq} (duplicate or late)")
-        parts: list[np.ndarray] = [self._buf]
-        received = self._scored + len(self._buf)
+
+    def append(self, seq: int, pcm: bytes, db: float) -> None:
+        """Append a frame `check` accepted, whose level `db` (dBFS) the caller measured."""
+        received = self._scored + self.pending_samples
         if self._last_seq is not None:
             # Lost frames become silence so window times stay frame times.
             for missing in range(self._last_seq + 1, min(seq, self._last_seq + 1 + self.config.max_gap_frames)):
                 self._frames.append((missing, received, -200.0))
-                parts.append(np.zeros(FRAME_SAMPLES, dtype=np.float32))
+                self._pcm += _SILENT_FRAME
                 received += FRAME_SAMPLES
-        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-        self._frames.append((seq, received, _dbfs(samples)))
-        parts.append(samples)
-        self._buf = np.concatenate(parts)
+        self._frames.append((seq, received, db))
+        self._pcm += pcm
         self._last_seq = seq
 
     def next_window(self) -> np.ndarray | None:
-        """The next unscored window, or None until enough samples arrived."""
-        return self._buf[: self.window] if len(self._buf) >= self.window else None
+        """The next unscored window (float32 in [-1, 1)), or None until enough samples arrived."""
+        return _to_float(self.window_bytes()) if self.pending_samples >= self.window else None
 
-    def advance(self, prob: float) -> list[VadEvent]:
-        """Consume the window `next_window()` returned, scored `prob`; returns the events it decides."""
+    def window_bytes(self) -> bytearray:
+        """The next window as PCM16 bytes (shorter while incomplete)."""
+        return self._pcm[: 2 * self.window]
+
+    def advance(self, prob: float, window_db: float | None = None) -> list[VadEvent]:
+        """Consume the window `next_window()` returned, scored `prob`; returns the events it decides.
+        `window_db`: its level in dBFS when the caller already measured it."""
         start, end = self._scored, self._scored + self.window
-        window_db = _dbfs(self._buf[: self.window])
-        self._buf = self._buf[self.window :]
+        if window_db is None:
+            window_db = _dbfs(_to_float(self.window_bytes()))
+        del self._pcm[: 2 * self.window]
         self._scored = end
         events = self._step(float(prob), start, end)
         if self._candidate is not None or self._speech_start is not None:
@@ -231,9 +256,24 @@ class SpeechSegmenter:
             self._frames.popleft()
 
 
+_SILENT_FRAME = bytes(FRAME_BYTES)
+_BYTES = (bytes, bytearray, memoryview)
+_SCALE = np.float32(1 / 32768)
+
+
+def _to_float(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) * _SCALE
+
+
 def _dbfs(samples: np.ndarray) -> float:
     power = float(np.dot(samples, samples)) / max(len(samples), 1)
     return 10.0 * float(np.log10(power + 1e-20))
+
+
+def _dbfs_rows(rows: np.ndarray) -> list[float]:
+    """`_dbfs` of every row of a 2-D float32 array, in one pass."""
+    power = np.einsum("ij,ij->i", rows, rows) / max(rows.shape[1], 1)
+    return (10.0 * np.log10(power.astype(np.float64) + 1e-20)).tolist()
 
 
 class BatchVad:
@@ -276,6 +316,27 @@ class BatchVad:
         """Queue one 20 ms frame; ValueError for an unknown session or a bad frame."""
         self._get(sid).push(seq, pcm, rate)
 
+    def feed(
+        self, frames: Iterable[tuple[str, list[tuple[int, bytes, Any]]]]
+    ) -> tuple[list[tuple[str, VadEvent]], list[tuple[str, int, str]]]:
+        """Push every session's new frames ((seq, pcm, anything) each), then `process()`.
+
+        Returns the events and the frames refused, as (sid, seq, reason): a bad frame
+        costs only itself. The frames' levels are measured in one pass over all of them."""
+        flat = [(sid, seq, pcm) for sid, items in frames for seq, pcm, _ in items]
+        blob = b"".join(pcm if isinstance(pcm, _BYTES) and len(pcm) == FRAME_BYTES else _SILENT_FRAME for _, _, pcm in flat)
+        levels = _dbfs_rows(_to_float(blob).reshape(len(flat), FRAME_SAMPLES)) if flat else []
+        rejected: list[tuple[str, int, str]] = []
+        for (sid, seq, pcm), level in zip(flat, levels):
+            try:
+                segmenter = self._get(sid)
+                segmenter.check(seq, pcm)
+            except ValueError as exc:
+                rejected.append((sid, seq, str(exc)))
+                continue
+            segmenter.append(seq, pcm, level)
+        return self.process(), rejected
+
     def process(self) -> list[tuple[str, VadEvent]]:
         """Score every complete window of every session (one batched call per round) and
         return the events decided, in order per session."""
@@ -284,10 +345,11 @@ class BatchVad:
             ready = [(sid, seg) for sid, seg in self._sessions.items() if seg.pending_samples >= seg.window]
             if not ready:
                 return events
-            windows = np.stack([seg.next_window() for _, seg in ready])  # type: ignore[misc]
+            windows = _to_float(b"".join([seg.window_bytes() for _, seg in ready])).reshape(len(ready), -1)
+            level = dict(zip([sid for sid, _ in ready], _dbfs_rows(windows)))
             for (sid, seg), prob, state in self._score(ready, windows):
                 self._states[sid] = state
-                events.extend((sid, event) for event in seg.advance(prob))
+                events.extend((sid, event) for event in seg.advance(prob, level[sid]))
 
     def _score(
         self, ready: list[tuple[str, SpeechSegmenter]], windows: np.ndarray

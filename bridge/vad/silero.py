@@ -8,7 +8,7 @@ batched call gives exactly the per-session results.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,9 +20,12 @@ STATE_SIZE = 128
 _SR = np.array(16_000, dtype=np.int64)
 
 
-@dataclass(slots=True, frozen=True)
-class SileroState:
-    """One session's streaming state: LSTM state (2, 128) and the last 64 input samples."""
+class SileroState(NamedTuple):
+    """One session's streaming state: LSTM state (2, 128) and the last 64 input samples.
+
+    A NamedTuple, not a dataclass: one is made per session per window, and the
+    arrays are views into the batch's output (one allocation per call, not per row).
+    """
 
     lstm: np.ndarray
     context: np.ndarray
@@ -65,13 +68,10 @@ class SileroVad:
             return np.zeros(0, dtype=np.float32), []
         inputs = np.empty((n, CONTEXT_SAMPLES + WINDOW_SAMPLES), dtype=np.float32)
         inputs[:, CONTEXT_SAMPLES:] = windows
-        lstm = np.empty((2, n, STATE_SIZE), dtype=np.float32)
-        for i, state in enumerate(states):
-            inputs[i, :CONTEXT_SAMPLES] = state.context
-            lstm[:, i, :] = state.lstm
+        inputs[:, :CONTEXT_SAMPLES] = np.stack([state.context for state in states])
+        lstm = np.stack([state.lstm for state in states], axis=1)  # (2, n, 128)
         probs, new_lstm = self._session.run(None, {"input": inputs, "state": lstm, "sr": _SR})
-        new_states = [
-            SileroState(np.ascontiguousarray(new_lstm[:, i, :]), inputs[i, -CONTEXT_SAMPLES:].copy())
-            for i in range(n)
-        ]
+        per_row = np.ascontiguousarray(np.swapaxes(new_lstm, 0, 1))  # (n, 2, 128): row i is session i's
+        contexts = inputs[:, -CONTEXT_SAMPLES:].copy()
+        new_states = list(map(SileroState, per_row, contexts))
         return np.asarray(probs, dtype=np.float32).reshape(n), new_states
