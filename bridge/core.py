@@ -193,11 +193,18 @@ class Bridge:
             session.tick(now)
 
     async def _reader_loop(self) -> None:
-        async for received in self.mux:
-            session = self.sessions.get(session_of(received.key) or "")
-            if session is None:
-                continue
+        while True:
             try:
-                await session.on_message(received.msg)
-            except Exception:
-                log.exception("session %s failed to handle %s", session.id, type(received.msg).__name__)
+                batch = await self.mux.read()
+            except Exception:  # the reader serves every session: it must outlive any bug
+                log.exception("bridge stream reader failed; retrying")
+                await asyncio.sleep(0.05)
+                continue
+            for received in batch:
+                session = self.sessions.get(session_of(received.key) or "")
+                if session is None:
+                    continue
+                try:
+                    await session.on_message(received.msg)
+                except Exception:
+                    log.exception("session %s failed to handle %s", session.id, type(received.msg).__name__)

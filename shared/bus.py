@@ -338,6 +338,7 @@ async def dead_letter(redis: aioredis.Redis, dlq: str, letter: DeadLetter, kind:
 _REJECT_LABELS: tuple[tuple[str, str], ...] = (
     ("exceeds", "oversized"),
     ("exactly the field", "wrong fields"),
+    ("unknown session", "unknown session"),
     ("invalid session id", "invalid session"),
     ("names session", "wrong session"),
     ("at `$.type`", "unknown type"),
@@ -542,7 +543,8 @@ class StreamMux:
         replies = await self._wire.call(b"".join(self._pack_xread(s, None) for s in shards), len(shards))
         if any(replies):
             return replies
-        return await self._wire.call(self._pack_xread(keys, self._block_ms))
+        # list(self._pos) again: a stream removed while we awaited must not be named
+        return await self._wire.call(self._pack_xread(list(self._pos), self._block_ms))
 
     def _pack_xread(self, keys: list[str], block_ms: int | None) -> bytes:
         head = [b"XREAD", b"COUNT", b"%d" % self._count]
@@ -566,7 +568,10 @@ class StreamMux:
         return [[(k, v[0]) for k, v in r.items()] if isinstance(r, dict) else r for r in replies]
 
     async def _xread(self, keys: list[str]):
-        return await self._redis.xread({k: self._pos[k] for k in keys}, count=self._count, block=self._block_ms)
+        streams = {k: self._pos[k] for k in keys if k in self._pos}  # some may have been removed meanwhile
+        if not streams:
+            return []
+        return await self._redis.xread(streams, count=self._count, block=self._block_ms)
 
     async def _fetch_cluster(self) -> list[Any]:
         """Poll every slot group (one XREAD each, no BLOCK) until something arrives or `block_ms` ends."""

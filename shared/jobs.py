@@ -186,6 +186,11 @@ class JobQueue:
         await self.redis.hset(self.errors, delivery.entry_id, reason[:2000])
         return False
 
+    async def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a job that must not run at all (e.g. its session does not exist)."""
+        metrics.BUS_REJECTED.labels("jobs", reject_label(reason)).inc()
+        await self._dead_letter(delivery.entry_id, encode(delivery.job), reason, delivery.deliveries)
+
     async def release(self, entry_id: str) -> None:
         """Hand a job back at once (graceful drain): make it claimable without waiting."""
         # A huge idle time makes the next XAUTOCLAIM of any consumer take it at once;

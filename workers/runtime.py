@@ -194,15 +194,21 @@ class Worker:
     async def _execute(self, d: Delivery) -> None:
         job = d.job
         stage = self.pool.stage
-        started = time.time()
-        if d.deliveries == 1:  # a retry's wait would measure the failure, not the queue
-            wait_ms = max(0.0, (started - job.ts) * 1000)
-            self._waits.append(wait_ms)
-            metrics.STAGE_LATENCY_MS.labels(stage=stage, mark="queue_wait", pool=self.pool.name,
-                                            gpu_type=self.pool.gpu_type).observe(wait_ms)
-            self.publisher.publish_nowait(Keys.events(job.session), TurnMark(
-                session=job.session, turn=job.turn, stage=stage, mark="queue_wait", value_ms=wait_ms))
         try:
+            # A job for a session with neither a recording nor a context (forged, or long
+            # expired) would burn its retries, or a TTS slot waiting for tokens: refuse it.
+            if not await self.redis.exists(Keys.audio_in(job.session), Keys.ctx(job.session)):
+                await self.queue.reject(d, f"unknown session {job.session!r}: no recording and no context")
+                metrics.JOBS.labels(*self._labels, "rejected").inc()
+                return
+            started = time.time()
+            if d.deliveries == 1:  # a retry's wait would measure the failure, not the queue
+                wait_ms = max(0.0, (started - job.ts) * 1000)
+                self._waits.append(wait_ms)
+                metrics.STAGE_LATENCY_MS.labels(stage=stage, mark="queue_wait", pool=self.pool.name,
+                                                gpu_type=self.pool.gpu_type).observe(wait_ms)
+                self.publisher.publish_nowait(Keys.events(job.session), TurnMark(
+                    session=job.session, turn=job.turn, stage=stage, mark="queue_wait", value_ms=wait_ms))
             watch = await self.hub.watch(job.session, job.turn)
             try:
                 if watch.cancelled:

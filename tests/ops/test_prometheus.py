@@ -398,8 +398,10 @@ async def test_real_prometheus_scrapes_exporter_and_worker(
             sid = f"obs-{uid}-w{i}"
             await redis.rpush(Keys.ctx(sid), encode(ChatMessage(session=sid, role="user", text="hi", turn=0)))
             await enqueue(redis, work, LlmJob(session=sid, turn=0, max_tokens=5))
-        for i in range(BAD_JOBS):
-            await enqueue(redis, work, LlmJob(session=f"obs-{uid}-x{i}", turn=0))
+        for i in range(BAD_JOBS):  # a real session whose context has no user message: the LLM stage fails it
+            bad = f"obs-{uid}-x{i}"
+            await redis.rpush(Keys.ctx(bad), encode(ChatMessage(session=bad, role="system", text="be brief", turn=0)))
+            await enqueue(redis, work, LlmJob(session=bad, turn=0))
 
         async def work_done() -> bool:
             g = await _group_info(redis, work)

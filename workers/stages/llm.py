@@ -45,10 +45,15 @@ class LlmStage:
         messages: list[ChatMessage] = []
         for raw in await self.ctx.redis.lrange(Keys.ctx(session), 0, -1):
             try:
-                messages.append(decode_as(raw, ChatMessage))
+                msg = decode_as(raw, ChatMessage)
             except ProtocolError as exc:
                 metrics.BUS_REJECTED.labels("ctx", "malformed").inc()
                 log.warning("skipping malformed context entry of %s: %s", session, exc)
+                continue
+            if msg.session != session:  # a foreign entry must never reach this caller's prompt
+                metrics.BUS_REJECTED.labels("ctx", "wrong session").inc()
+                continue
+            messages.append(msg)
         return messages
 
     async def handle(self, job: LlmJob, watch: CancelWatch) -> Outcome:

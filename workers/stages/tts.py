@@ -78,7 +78,10 @@ class TtsStage:
                 except ProtocolError:
                     metrics.BUS_REJECTED.labels("tokens", "malformed").inc()
                     continue
-                if not isinstance(chunk, TokenChunk) or chunk.turn != job.turn:
+                if not isinstance(chunk, TokenChunk) or chunk.session != job.session:
+                    metrics.BUS_REJECTED.labels("tokens", "wrong type").inc()
+                    continue  # never speak what does not belong to this turn
+                if chunk.turn != job.turn:
                     return  # a later turn began: this one is over
                 if chunk.seq < expect:
                     continue  # duplicate
