@@ -36,6 +36,8 @@ from .tracks import AgentAudioTrack, pump_caller_audio
 log = logging.getLogger("voxbus.webrtc")
 
 TOKEN_ENV = "VOXBUS_BRIDGE_TOKEN"
+# TURN credentials are secrets: they may come from the environment instead of the pools file.
+ICE_SERVERS_ENV = "VOXBUS_ICE_SERVERS"
 DISCONNECT_GRACE_S = 5.0  # "disconnected" may recover (ICE restart, network blip); "failed"/"closed" do not
 
 
@@ -167,7 +169,7 @@ class WebRtcTransport:
         self.port = cfg.port if port is None else port
         self.out_rate = out_rate
         self.connect_timeout_s = connect_timeout_s
-        self.ice_servers = rtc_setup.ice_servers(cfg.ice_servers)
+        self.ice_servers = rtc_setup.ice_servers(cfg.ice_servers + os.environ.get(ICE_SERVERS_ENV, "").split())
         self.calls: dict[str, RtcCall] = {}
         self._open_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None

@@ -11,7 +11,9 @@
 
 No `__init__.py` in this directory on purpose: with pytest's default
 ("prepend") import mode it would make this directory the `bridge` package and
-shadow the real one.
+shadow the real one. Test modules import the helpers with
+`from bridge_conftest import ...`: this file registers itself under that name,
+so the import does not depend on which `conftest` module pytest loaded last.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ from bridge.caller import SILENCE_RMS, OfferRefused, SpeechTrack  # noqa: F401 (
 from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
-from shared.config import DEFAULT_POOLS_FILE, Config, parse_config
+from shared.config import Config, parse_config
+from pools_toml import renamed_cpu_pools_toml
 from shared.protocol import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,34 +52,6 @@ _TIME_BASE = fractions.Fraction(1, 48_000)
 
 
 # ----------------------------------------------------------------------------- worker processes
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def unique_pools_toml(suffix: str) -> str:
-    """ops/pools/cpu.toml with every pool renamed `<name>-<suffix>`."""
-    data = tomllib.loads(DEFAULT_POOLS_FILE.read_text())
-    lines = ["[defaults]"]
-    lines += [f"{stage} = {_toml_value(f'{pool}-{suffix}')}" for stage, pool in data.get("defaults", {}).items()]
-    for name, pool in data["pools"].items():
-        lines.append(f"\n[pools.{name}-{suffix}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in pool.items() if k != "fallback"]
-    if data.get("bridge"):
-        lines.append("\n[bridge]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in data["bridge"].items()]
-    return "\n".join(lines) + "\n"
-
 
 @dataclass
 class WorkerSet:
@@ -96,7 +70,7 @@ class WorkerSet:
 def start_workers(redis_url: str, workdir: Path) -> WorkerSet:
     suffix = "t" + uuid.uuid4().hex[:8]
     pools_file = workdir / "pools.toml"
-    pools_file.write_text(unique_pools_toml(suffix))
+    pools_file.write_text(renamed_cpu_pools_toml(suffix))
     ws = WorkerSet(pools_file, {})
     cfg = ws.config()
     ws.pools = {stage: cfg.default_pool(stage).name for stage in ("asr", "llm", "tts")}
@@ -168,7 +142,7 @@ def workers(request: pytest.FixtureRequest, redis_url: str) -> WorkerSet:
 def pools_config(**bridge: Any) -> Config:
     """A Config with unique pool names and no workers (for tests that never reach a pool)."""
     suffix = "t" + uuid.uuid4().hex[:8]
-    cfg = parse_config(tomllib.loads(unique_pools_toml(suffix)), "test")
+    cfg = parse_config(tomllib.loads(renamed_cpu_pools_toml(suffix)), "test")
     for key, value in bridge.items():
         setattr(cfg.bridge, key, value)
     return cfg
@@ -221,3 +195,6 @@ class RtcClient(caller.RtcClient):
 
     def __init__(self, base_url: str, token: str | None = TOKEN, **kwargs: Any) -> None:
         super().__init__(base_url, token, **kwargs)
+
+
+sys.modules.setdefault("bridge_conftest", sys.modules[__name__])

@@ -17,7 +17,7 @@ from bridge.transports.webrtc import WebRtcTransport
 from engines.speech import normalize_words, pad_silence, synthesize_16k
 from shared.protocol import ChatMessage, Keys, TokenChunk, decode, decode_entry, turn_range
 
-from conftest import RtcClient, WorkerSet, running_bridge
+from bridge_conftest import RtcClient, WorkerSet, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

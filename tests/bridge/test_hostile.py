@@ -19,7 +19,7 @@ from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.protocol import AudioOut, Keys, entry, output_entry_id
 
-from conftest import TOKEN, OfferRefused, RtcClient, pools_config, running_bridge
+from bridge_conftest import TOKEN, OfferRefused, RtcClient, pools_config, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -23,7 +23,7 @@ import pytest
 
 from bridge.core import Bridge
 from bridge.replay import compare, recorded_turns, replay_asr, replay_session
-from conftest import ROOT, WorkerSet, delete_session_keys
+from bridge_conftest import ROOT, WorkerSet, delete_session_keys
 from shared.config import Config
 from shared.exporter import collect_once
 from shared.jobs import JobQueue, enqueue

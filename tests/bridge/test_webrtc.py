@@ -20,7 +20,7 @@ from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
 from engines.speech import pad_silence, synthesize_16k, wer
 
-from conftest import RtcClient, WorkerSet, running_bridge
+from bridge_conftest import RtcClient, WorkerSet, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

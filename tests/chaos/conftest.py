@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -59,8 +58,9 @@ from bridge import caller
 from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
-from shared.config import DEFAULT_POOLS_FILE, STAGES, Config, parse_config
+from shared.config import STAGES, Config, parse_config
 from shared.embedded_redis import EmbeddedRedis, free_port
+from pools_toml import renamed_cpu_pools_toml
 from shared.protocol import (
     AudioOut,
     Keys,
@@ -78,34 +78,6 @@ TURN_TIMEOUT_S = 150.0  # one spoken question to the end of its answer's playout
 
 
 # ----------------------------------------------------------------------------- pools file
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def chaos_pools_toml(suffix: str) -> str:
-    """ops/pools/cpu.toml with every pool renamed `<name>-<suffix>` (no fallbacks)."""
-    data = tomllib.loads(DEFAULT_POOLS_FILE.read_text())
-    lines = ["[defaults]"]
-    lines += [f"{stage} = {_toml_value(f'{pool}-{suffix}')}" for stage, pool in data.get("defaults", {}).items()]
-    for name, pool in data["pools"].items():
-        lines.append(f"\n[pools.{name}-{suffix}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in pool.items() if k != "fallback"]
-    if data.get("bridge"):
-        lines.append("\n[bridge]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in data["bridge"].items()]
-    return "\n".join(lines) + "\n"
-
 
 # ----------------------------------------------------------------------------- worker processes
 
@@ -315,7 +287,7 @@ def chaos_cluster() -> Iterator[ChaosCluster]:
     wait_redis_sync(server)
     workdir = Path(tempfile.mkdtemp(prefix="voxbus-chaos-"))
     pools_file = workdir / "pools.toml"
-    pools_file.write_text(chaos_pools_toml("c" + uuid.uuid4().hex[:6]))
+    pools_file.write_text(renamed_cpu_pools_toml("c" + uuid.uuid4().hex[:6]))
     cfg = parse_config(tomllib.loads(pools_file.read_text()), str(pools_file))
     cluster = ChaosCluster(server, workdir, pools_file, {stage: cfg.default_pool(stage).name for stage in STAGES})
     try:

@@ -10,7 +10,6 @@ quoted when a worker does not come up.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -22,31 +21,9 @@ from typing import Any
 import pytest_asyncio
 import redis.asyncio as aioredis
 
+from pools_toml import pools_toml
 from shared.protocol import Keys
 from workers import registry
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def pools_toml(pools: dict[str, dict[str, Any]]) -> str:
-    lines: list[str] = []
-    for name, table in pools.items():
-        lines.append(f'[pools."{name}"]')
-        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _voxbus_command() -> list[str]:
