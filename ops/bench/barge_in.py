@@ -33,8 +33,9 @@ The anchor, sampled after every trial in the same run: a bare PUBLISH from
 this process to a subscriber in the worker process (`pubsub_*`), the floor of
 `hop_ms` on this machine at that moment.
 
-The llama.cpp figures are at the top level (bundled SmolLM2-135M on CPU), the
-synthetic engine's (fixed step time) under `synthetic`. `step_ms` is the
+The llama.cpp figures are at the top level: the engine exactly as the
+`llm-cpu` pool of ops/pools/cpu.toml configures it (bundled SmolLM2-135M on
+CPU; `--pools` / `--llm-pool` for another), the synthetic engine's (fixed step time) under `synthetic`. `step_ms` is the
 median interval between consecutive tokens as stamped by the worker.
 
     .venv/bin/python ops/bench/barge_in.py --json
@@ -63,7 +64,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared.cancel import CancelWatch, publish_cancel
-from shared.config import PoolConfig
+from shared.config import PoolConfig, load_config
 from shared.jobs import enqueue
 from shared.protocol import (
     Cancel,
@@ -396,7 +397,7 @@ async def run_engine(redis, args, engine: str, options: dict[str, Any], trials: 
         await run.close()
 
 
-def llama_unavailable() -> str | None:
+def llama_unavailable(model: str) -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is None:
@@ -406,7 +407,7 @@ def llama_unavailable() -> str | None:
     from shared.models import ModelMissing, resolve
 
     try:
-        resolve(LLAMA_MODEL)
+        resolve(model)
     except ModelMissing as exc:
         return str(exc)
     return None
@@ -419,10 +420,14 @@ async def main(args: argparse.Namespace) -> dict:
             redis, args, "synthetic", {"step_ms": args.step_ms, "tokens": 200}, args.trials,
             args.step_ms / 1000, "hello there",
         )
-        result: dict[str, Any] = {"bench": "barge_in", "engine": "llamacpp", "model": LLAMA_MODEL}
-        why = llama_unavailable()
+        pool = load_config(args.pools).pool(args.llm_pool)
+        if pool.engine != "llamacpp":
+            raise SystemExit(f"pool {pool.name} runs {pool.engine!r}, not llamacpp")
+        llama_options = {"model": LLAMA_MODEL, **pool.options}
+        result: dict[str, Any] = {"bench": "barge_in", "engine": "llamacpp", "model": llama_options["model"],
+                                  "pool": pool.name, "options": llama_options}
+        why = llama_unavailable(llama_options["model"])
         if why is None:
-            llama_options = {"model": LLAMA_MODEL, "n_ctx": 1024, "temperature": 0.0}
             result |= await run_engine(redis, args, "llamacpp", llama_options, args.llama_trials, 0.01, LLAMA_PROMPT)
         else:
             result |= {"cancel_p50_ms": None, "cancel_p99_ms": None, "step_ms": None, "trials": 0, "unavailable": why}
@@ -450,6 +455,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--llama-trials", type=int, default=100)
     p.add_argument("--step-ms", type=float, default=20.0, help="the synthetic engine's step time")
     p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--pools", help="pools file whose llama.cpp pool is measured (default: ops/pools/cpu.toml)")
+    p.add_argument("--llm-pool", default="llm-cpu", help="that pool's name; its engine options are used as they are")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     # worker-process mode (started by the benchmark itself)

@@ -72,6 +72,16 @@ def test_piper_single_speaker_voice_ignores_a_job_voice_name(piper: PiperTts) ->
     assert len(list(piper.synthesize("Hello there.", voice="someone"))) == 1
 
 
+def test_piper_thread_options_reach_onnxruntime_and_change_no_sample(piper: PiperTts) -> None:
+    lean = PiperTts(noise_scale=0.0, noise_w_scale=0.0, threads=1, spin=False)
+    lean.load()
+    options = lean._voice.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    same = np.concatenate(list(lean.synthesize(SENTENCE)))
+    assert np.array_equal(same, np.concatenate(list(piper.synthesize(SENTENCE))))
+
+
 def test_piper_length_scale_slows_speech(piper: PiperTts) -> None:
     slow = PiperTts(length_scale=1.6, noise_scale=0.0, noise_w_scale=0.0)
     slow.load()

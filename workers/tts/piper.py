@@ -31,7 +31,12 @@ class PiperTts:
         noise_w_scale: float | None = None,
         speaker_id: int | None = None,
         use_cuda: bool = False,
+        threads: int = 0,
+        spin: bool = True,
     ) -> None:
+        """`threads`: onnxruntime intra-op threads (0: one per core); `spin`: False stops idle
+        onnxruntime threads from busy-waiting, which on a small CPU shared with an LLM
+        decode thread costs more than it saves."""
         self.model = model
         self.config = config
         self.length_scale = length_scale
@@ -39,6 +44,8 @@ class PiperTts:
         self.noise_w_scale = noise_w_scale  # with noise_scale 0.0 too: the same text always gives the same audio
         self.speaker_id = speaker_id
         self.use_cuda = use_cuda
+        self.threads = threads
+        self.spin = spin
         self._voice: Any = None
         self._sample_rate: int | None = None
 
@@ -56,11 +63,23 @@ class PiperTts:
     def load(self) -> None:
         if self._voice is not None:
             return
+        import onnxruntime as ort
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
         model_path, config_path = self._paths()
         t0 = time.perf_counter()
-        self._voice = PiperVoice.load(model_path, config_path=config_path, use_cuda=self.use_cuda)
+        # PiperVoice.load() takes no session options: build the same voice with ours.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(0, int(self.threads))
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers: list[Any] = (
+            [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})] if self.use_cuda else ["CPUExecutionProvider"]
+        )
+        with open(config_path, encoding="utf-8") as f:
+            config = PiperConfig.from_dict(json.load(f))
+        self._voice = PiperVoice(config=config, session=ort.InferenceSession(model_path, sess_options=options, providers=providers))
         self._sample_rate = int(self._voice.config.sample_rate)
         log.info("Piper voice %s loaded in %.2f s (%d Hz)", model_path, time.perf_counter() - t0, self._sample_rate)
 
