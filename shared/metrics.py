@@ -22,6 +22,10 @@ CANCELS_RECEIVED = Counter("voxbus_cancels_received_total", "Cancel messages rec
 # --- jobs ---
 JOBS = Counter("voxbus_jobs_total", "Jobs by outcome", ["pool", "stage", "gpu_type", "outcome"])
 JOBS_RECLAIMED = Counter("voxbus_jobs_reclaimed_total", "Jobs reclaimed from other consumers", ["pool"])
+OVERFLOWS = Counter("voxbus_overflow_total", "Jobs routed to a fallback pool", ["stage", "pool", "fallback"])
+OVERFLOWS_REFUSED = Counter("voxbus_overflow_refused_total",
+                            "Jobs kept on a saturated pool because its fallback had no live worker",
+                            ["stage", "pool", "fallback"])
 SLOTS_BUSY = Gauge("voxbus_worker_slots_busy", "Busy job slots", ["pool", "stage", "gpu_type"])
 SLOTS_TOTAL = Gauge("voxbus_worker_slots_total", "Job slots", ["pool", "stage", "gpu_type"])
 

@@ -5,7 +5,9 @@ bound, new jobs go to its fallback pool; that is counted
 (`voxbus_overflow_total`) and written to the session's events as a TurnMark.
 The head-of-line wait (age of the oldest undelivered job) stands in for the
 p95 queue wait: it is what the next job will at least wait, and it costs one
-XRANGE instead of a histogram.
+XRANGE instead of a histogram. A fallback pool without a live worker (no
+heartbeat within `live_window_s`) is not overflowed to: the jobs would only
+wait there longer. That is counted too (`voxbus_overflow_refused_total`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter
 
 from .bus import BatchPublisher
 from .config import Config, PoolConfig, Stage
 from .protocol import Job, Keys, TurnMark
+from .metrics import OVERFLOWS, OVERFLOWS_REFUSED
 from .queue_stats import PoolStats, pool_stats
-
-OVERFLOWS = Counter("voxbus_overflow_total", "Jobs routed to a fallback pool", ["stage", "pool", "fallback"])
 
 
 @dataclass(slots=True)
@@ -32,11 +32,14 @@ class Route:
 
 
 class Router:
-    def __init__(self, redis: aioredis.Redis, config: Config, *, stats_ttl_s: float = 0.1) -> None:
+    def __init__(self, redis: aioredis.Redis, config: Config, *, stats_ttl_s: float = 0.1,
+                 live_window_s: float = 2.0) -> None:
         self.redis = redis
         self.config = config
         self.stats_ttl_s = stats_ttl_s
+        self.live_window_s = live_window_s  # workers heartbeat every 0.25 s: 2 s of silence is a dead pool
         self._stats: dict[str, tuple[float, PoolStats]] = {}
+        self._live: dict[str, tuple[float, int]] = {}
 
     async def _stats_of(self, pool: str) -> PoolStats:
         cached = self._stats.get(pool)
@@ -45,6 +48,14 @@ class Router:
         stats = await pool_stats(self.redis, pool)
         self._stats[pool] = (time.monotonic(), stats)
         return stats
+
+    async def _live_workers(self, pool: str) -> int:
+        cached = self._live.get(pool)
+        if cached and time.monotonic() - cached[0] < self.stats_ttl_s:
+            return cached[1]
+        n = int(await self.redis.zcount(Keys.pool_workers(pool), time.time() - self.live_window_s, "+inf"))
+        self._live[pool] = (time.monotonic(), n)
+        return n
 
     @staticmethod
     def _saturation(pool: PoolConfig, stats: PoolStats) -> str:
@@ -63,6 +74,9 @@ class Router:
         while pool.fallback and pool.fallback not in seen:
             reason = self._saturation(pool, await self._stats_of(pool.name))
             if not reason:
+                break
+            if not await self._live_workers(pool.fallback):
+                OVERFLOWS_REFUSED.labels(stage, pool.name, pool.fallback).inc()
                 break
             route = Route(pool.fallback, route.overflowed_from or pool.name, reason)
             OVERFLOWS.labels(stage, pool.name, pool.fallback).inc()

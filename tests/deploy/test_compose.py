@@ -6,8 +6,8 @@ Each compose file is rendered by `docker compose config` with compose/.env.examp
 - every command that runs `voxbus` names a subcommand of `shared.cli.COMMANDS`, and
   `shared.cli.build_parser()` accepts its arguments;
 - every worker's `--pool` exists in the pools file the service mounts at its `--pools`
-  path, and every pool of a mounted pools file has a worker (the bridge overflows to a
-  fallback pool without checking that it has workers);
+  path, and every pool of a mounted pools file has a worker (a pool nobody serves is
+  a configuration mistake: its jobs wait forever, and a fallback never takes overflow);
 - services that run a model on a GPU reserve GPUs (as many as tensor_parallel_size), and
   the others reserve none;
 - an `openai` pool's base_url names a service of the stack that serves the pool's model;

@@ -190,3 +190,24 @@ async def test_saturated_pool_overflows_to_its_fallback(redis, cluster, uid, cou
     await asyncio.sleep(0.6)
     route = await router.choose("llm", override=slow)
     assert route.pool == fallback and route.reason.startswith("queue wait"), route
+
+
+async def test_no_overflow_to_a_fallback_without_live_workers(redis, cluster, uid, counter):
+    """A saturated pool keeps its jobs when its fallback has no worker: they would wait there longer."""
+    nobody = cluster.name("nobody")
+    lonely = cluster.pool("lonely", fallback=nobody, overflow_wait_ms=100, options={"step_ms": 10, "tokens": 3})
+    cluster.pool("nobody", options={"step_ms": 10, "tokens": 3})  # configured, never started
+    router = Router(redis, load_config(cluster.pools_file), stats_ttl_s=0.0)
+    metric = {"stage": "llm", "pool": lonely, "fallback": nobody}
+    refused, overflowed = counter("voxbus_overflow_refused_total", **metric), counter("voxbus_overflow_total", **metric)
+    await JobQueue(redis, lonely, "nobody").ensure_group()
+    await enqueue(redis, lonely, LlmJob(session=f"lonely-{uid}", turn=0))
+    await asyncio.sleep(0.3)  # head-of-line wait over the bound: saturated
+    route = await router.choose("llm", override=lonely)
+    assert (route.pool, route.overflowed_from) == (lonely, None)
+    assert counter("voxbus_overflow_refused_total", **metric) == refused + 1
+    assert counter("voxbus_overflow_total", **metric) == overflowed
+
+    await cluster.start(nobody)  # once the fallback has a live worker, the overflow happens
+    route = await router.choose("llm", override=lonely)
+    assert route.pool == nobody and route.overflowed_from == lonely and route.reason.startswith("queue wait"), route
