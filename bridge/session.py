@@ -18,6 +18,7 @@ Barge-in:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import time
@@ -336,7 +337,14 @@ class CallSession:
             self.sink.send_control({"type": "state", "state": state.value, "turn": turn, "ts": time.time()})
 
     async def _submit(self, stage: str, job: Any) -> None:
-        route = await self.bridge.router.submit(self.bridge.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
+        try:
+            route = await self.bridge.router.submit(self.bridge.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
+        except Exception as exc:  # Redis refused the job: the turn fails as if its job had been dead-lettered
+            failed = JobFailed(session=self.id, turn=job.turn, stage=stage, reason=f"could not queue the job: {exc}")
+            with contextlib.suppress(Exception):  # into the recording, if Redis takes this at least
+                await self.bridge.publisher.publish(Keys.events(self.id), failed)
+            await self.on_message(failed)
+            return
         if route.overflowed_from:
             self._times(job.turn).overflow.append(f"{stage}:{route.overflowed_from}->{route.pool}")
 

@@ -291,6 +291,7 @@ class BatchPublisher:
             self._room.set()
         published: Counter[str] = Counter()
         duplicates: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
         for (key, _, _, _, fut), res in zip(batch, results):
             if fut.done():
                 continue
@@ -298,12 +299,17 @@ class BatchPublisher:
                 duplicates[key] += 1
                 fut.set_result(None)
             elif isinstance(res, Exception):
+                failed[key] += 1
                 fut.set_exception(res)
             else:
                 published[key] += 1
                 fut.set_result(res)
         _count_by_kind(metrics.BUS_PUBLISHED, published)
         _count_by_kind(metrics.BUS_DUPLICATES, duplicates)
+        if failed:  # refused by Redis (an error reply, not a lost connection: those are retried)
+            _count_by_kind(metrics.BUS_PUBLISH_FAILED, failed)
+            log.warning("Redis refused %d entries: %s", sum(failed.values()),
+                        next(r for r in results if isinstance(r, Exception) and DUPLICATE_ID_ERROR not in str(r)))
         self._batches += 1
         self._entries += len(batch)
         self._max_seen = max(self._max_seen, len(batch))

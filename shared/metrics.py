@@ -15,6 +15,7 @@ BUS_DEAD_LETTERED = Counter("voxbus_bus_dead_lettered_total", "Entries moved to 
 BUS_DUPLICATES = Counter(
     "voxbus_bus_duplicates_total", "Outputs refused because their (turn, seq) id already exists", ["kind"]
 )
+BUS_PUBLISH_FAILED = Counter("voxbus_bus_publish_failed_total", "Entries Redis refused with an error reply", ["kind"])
 BUS_RECONNECTS = Counter("voxbus_bus_reconnects_total", "Redis reconnect attempts after errors", ["component"])
 BUS_HOP_MS = Histogram("voxbus_bus_hop_ms", "Publish to receipt latency of one hop", ["kind"], buckets=LATENCY_BUCKETS_MS)
 CANCELS_RECEIVED = Counter("voxbus_cancels_received_total", "Cancel messages received over pub/sub")
@@ -23,6 +24,8 @@ CANCELS_RECEIVED = Counter("voxbus_cancels_received_total", "Cancel messages rec
 JOBS = Counter("voxbus_jobs_total", "Jobs by outcome", ["pool", "stage", "gpu_type", "outcome"])
 JOBS_RECLAIMED = Counter("voxbus_jobs_reclaimed_total", "Jobs reclaimed from other consumers", ["pool"])
 OVERFLOWS = Counter("voxbus_overflow_total", "Jobs routed to a fallback pool", ["stage", "pool", "fallback"])
+JOBS_ENQUEUE_FAILED = Counter("voxbus_jobs_enqueue_failed_total", "Jobs Redis refused to queue (the turn fails)",
+                              ["stage", "pool"])
 OVERFLOWS_REFUSED = Counter("voxbus_overflow_refused_total",
                             "Jobs kept on a saturated pool because its fallback had no live worker",
                             ["stage", "pool", "fallback"])

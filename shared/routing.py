@@ -12,6 +12,8 @@ wait there longer. That is counted too (`voxbus_overflow_refused_total`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,8 +22,10 @@ import redis.asyncio as aioredis
 from .bus import BatchPublisher
 from .config import Config, PoolConfig, Stage
 from .protocol import Job, Keys, TurnMark
-from .metrics import OVERFLOWS, OVERFLOWS_REFUSED
+from .metrics import JOBS_ENQUEUE_FAILED, OVERFLOWS, OVERFLOWS_REFUSED
 from .queue_stats import PoolStats, pool_stats
+
+log = logging.getLogger("voxbus.routing")
 
 
 @dataclass(slots=True)
@@ -85,11 +89,18 @@ class Router:
         return route
 
     async def submit(self, publisher: BatchPublisher, stage: Stage, job: Job, override: str | None = None) -> Route:
-        """Route and enqueue `job` (through the publisher: it lands after frames published before it)."""
+        """Route and enqueue `job` through the publisher, so that it lands after the frames
+        published before it; returns once Redis has it, and raises if Redis refused it
+        (e.g. out of memory). Connection errors do not raise: the publisher retries them."""
         route = await self.choose(stage, override)
-        publisher.publish_nowait(Keys.pool_jobs(route.pool), job)
+        queued = [publisher.publish_nowait(Keys.pool_jobs(route.pool), job)]
         if route.overflowed_from:
-            publisher.publish_nowait(Keys.events(job.session), TurnMark(
-                session=job.session, turn=job.turn, stage=stage, mark=f"overflow:{route.overflowed_from}->{route.pool}"))
-        await publisher.flush()
+            queued.append(publisher.publish_nowait(Keys.events(job.session), TurnMark(
+                session=job.session, turn=job.turn, stage=stage, mark=f"overflow:{route.overflowed_from}->{route.pool}")))
+        outcome = await asyncio.gather(*queued, return_exceptions=True)
+        if len(outcome) > 1 and isinstance(outcome[1], Exception):
+            log.warning("session %s: overflow mark not recorded: %s", job.session, outcome[1])
+        if isinstance(outcome[0], BaseException):
+            JOBS_ENQUEUE_FAILED.labels(stage, route.pool).inc()
+            raise outcome[0]
         return route
