@@ -25,6 +25,7 @@ from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_ses
 from shared.redis_conn import connect, wait_ready
 from shared.routing import Router
 
+from .context import SessionContext
 from .session import CallSession, ClientSink
 from .vad import create as create_vad
 from .vad.segmenter import BatchVad, EndpointConfig
@@ -101,16 +102,14 @@ class Bridge:
         for stage, pool in (pools or {}).items():
             if self.config.pool(pool).stage != stage:
                 raise ValueError(f"pool {pool!r} does not serve stage {stage!r}")
-        session = CallSession(self, sid, pools=pools, sink=sink, out_rate=out_rate)
         meta = SessionMeta(session=sid, transport=transport, pools=pools or {})
         system = ChatMessage(session=sid, role="system", text=self.config.bridge.system_prompt)
+        context = SessionContext(self.redis, sid, meta=encode(meta), system=encode(system), ttl_s=SESSION_TTL_S)
+        session = CallSession(self, sid, context, pools=pools, sink=sink, out_rate=out_rate)
         self._opening.add(sid)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(Keys.meta(sid), encode(meta), ex=SESSION_TTL_S)
-            pipe.delete(Keys.ctx(sid))
-            pipe.rpush(Keys.ctx(sid), encode(system))
-            pipe.expire(Keys.ctx(sid), SESSION_TTL_S)
+            context.open_into(pipe)
             pipe.zadd(Keys.SESSIONS, {sid: time.time()})
             await pipe.execute()
             for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):

@@ -57,6 +57,7 @@ from .audio import Framer
 from .playout import OutFrame, Playout
 
 if TYPE_CHECKING:
+    from .context import SessionContext
     from .core import Bridge
 
 log = logging.getLogger("voxbus.session")
@@ -139,10 +140,11 @@ class SpeculativeTurn:
 
 
 class CallSession:
-    def __init__(self, bridge: Bridge, sid: str, *, pools: dict[str, str] | None = None,
+    def __init__(self, bridge: Bridge, sid: str, context: SessionContext, *, pools: dict[str, str] | None = None,
                  sink: ClientSink | None = None, out_rate: int = 48_000) -> None:
         self.bridge = bridge
         self.id = sid
+        self.context = context
         self.pools = pools or {}
         self.sink: ClientSink = sink or NullSink()
         self.cfg = bridge.config.bridge
@@ -270,7 +272,7 @@ class CallSession:
         log.debug("session %s: speculative turn %d abandoned (%s)", self.id, spec.turn, why)
         self.bridge.spawn(publish_cancel(self.bridge.redis, Cancel(session=self.id, turn=spec.turn, reason=f"speculation: {why}")))
         if spec.ctx_entry is not None:
-            self.bridge.spawn(self.bridge.redis.lrem(Keys.ctx(self.id), -1, spec.ctx_entry))
+            self.bridge.spawn(self.context.remove(spec.ctx_entry))
 
     async def _confirm_speculation(self, spec: SpeculativeTurn) -> None:
         """The end of speech matches the speculative turn: its work (maybe its audio) counts now."""
@@ -378,7 +380,7 @@ class CallSession:
 
     async def _start_generation(self, msg: Transcript) -> bytes:
         entry = encode(ChatMessage(session=self.id, role="user", text=msg.text, turn=msg.turn))
-        await self.bridge.redis.rpush(Keys.ctx(self.id), entry)
+        await self.context.append(entry)
         self.agent_turn = msg.turn
         await self._submit("llm", LlmJob(session=self.id, turn=msg.turn))
         await self._submit("tts", TtsJob(session=self.id, turn=msg.turn))
@@ -454,14 +456,14 @@ class CallSession:
         t.agent_text = t.agent_text or "".join(self._agent_tokens.get(turn, [])).strip()
         if t.heard_text:
             msg = ChatMessage(session=self.id, role="assistant", text=t.heard_text, turn=turn, interrupted=True)
-            self.bridge.spawn(self.bridge.redis.rpush(Keys.ctx(self.id), encode(msg)))
+            self.bridge.spawn(self.context.append(encode(msg)))
 
     def _finish_agent_turn(self, turn: int) -> None:
         t = self._times(turn)
         t.agent_text = t.agent_text or "".join(self._agent_tokens.get(turn, [])).strip()
         if not t.interrupted and t.agent_text:
             msg = ChatMessage(session=self.id, role="assistant", text=t.agent_text, turn=turn)
-            self.bridge.spawn(self.bridge.redis.rpush(Keys.ctx(self.id), encode(msg)))
+            self.bridge.spawn(self.context.append(encode(msg)))
         self._send_waterfall(t)
         if self.state == TurnState.AGENT_SPEAKING and self._pending_barge is None:
             self._set_state(TurnState.LISTENING, turn)

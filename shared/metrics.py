@@ -35,6 +35,8 @@ SLOTS_TOTAL = Gauge("voxbus_worker_slots_total", "Job slots", ["pool", "stage", 
 # --- bridge ---
 ACTIVE_SESSIONS = Gauge("voxbus_active_sessions", "Live calls on this bridge")
 SESSIONS_REJECTED = Counter("voxbus_sessions_rejected_total", "Calls refused", ["reason"])
+CONTEXT_RESTORED = Counter("voxbus_context_restored_total",
+                           "Conversation contexts written again after Redis lost them (a restart)")
 BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
 FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
 CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])

@@ -15,7 +15,10 @@ What must hold:
 - nothing crashed: every worker process and the bridge's tasks still run;
 - the answer that was playing plays to its end, and a NEW turn works end to
   end afterwards: the caller speaks again, is transcribed, and hears a
-  complete answer with no duplicated (turn, seq).
+  complete answer with no duplicated (turn, seq);
+- the conversation survives: the bridge writes the context list (system
+  prompt, the first question and answer) and the session's metadata again,
+  so the new turn is answered with everything said before.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from chaos_conftest import (
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.config import STAGES
-from shared.protocol import Keys
+from shared.protocol import ChatMessage, Keys, decode_as
 from shared.redis_conn import connect
 from shared.wer import wer
 
@@ -123,6 +126,7 @@ async def test_redis_restart_mid_call_everything_reconnects_and_a_new_turn_works
                               and len(client.audio_frames(since=asked_at)) >= 25, 120,
                               "the first answer to be playing")
         workers = cluster.all_live()
+        restored_before = local_counter("voxbus_context_restored_total")
 
         await asyncio.to_thread(cluster.crash_redis)
         await asyncio.sleep(OUTAGE_S)
@@ -159,6 +163,13 @@ async def test_redis_restart_mid_call_everything_reconnects_and_a_new_turn_works
         await assert_no_duplicate_outputs(redis, sid, second.turn)
         assert_caller_tokens_unique(client)
         assert all(w.alive for w in workers)
+
+        # the context the LLM worker read for the new turn held the whole conversation
+        ctx = [decode_as(raw, ChatMessage) for raw in await redis.lrange(Keys.ctx(sid), 0, -1)]
+        assert [m.role for m in ctx[:4]] == ["system", "user", "assistant", "user"], [(m.role, m.text) for m in ctx]
+        assert wer(FIRST, ctx[1].text) <= 0.5 and ctx[3].turn == second.turn, [(m.role, m.text) for m in ctx]
+        assert await redis.exists(Keys.meta(sid))
+        assert local_counter("voxbus_context_restored_total") == restored_before + 1
     finally:
         await client.close()
         await redis.aclose()
