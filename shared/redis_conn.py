@@ -51,6 +51,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 log = logging.getLogger("voxbus.redis")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# redis-py's pools raise "Too many connections" past 100 by default. A bridge with hundreds of
+# sessions can have more commands in flight at a burst (turn ends, cancels): wait for a
+# connection instead of failing, up to POOL_WAIT_S.
+MAX_CONNECTIONS = 512
+POOL_WAIT_S = 10.0
 # What a loop that must survive Redis restarts backs off on. The cluster errors are
 # what a Redis Cluster answers while a master fails over or a slot moves.
 TRANSIENT_ERRORS = (
@@ -131,7 +136,11 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
         return _connect_cluster(url, **kwargs)
     kwargs.setdefault("retry", _retry())
     kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError, ConnectionResetError])
-    return aioredis.Redis.from_url(url, **kwargs)
+    kwargs.setdefault("max_connections", MAX_CONNECTIONS)
+    kwargs.setdefault("timeout", POOL_WAIT_S)
+    client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, **kwargs))
+    client.auto_close_connection_pool = True  # as Redis.from_url does: aclose() closes the pool too
+    return client
 
 
 _TRUE, _FALSE = frozenset({"true", "yes", "on", "1"}), frozenset({"false", "no", "off", "0"})

@@ -281,3 +281,16 @@ async def test_embedded_redis_refuses_a_port_served_by_another_process(embedded_
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_a_burst_beyond_redis_py_default_pool_waits_instead_of_failing(redis_url: str, uid: str) -> None:
+    """redis-py's own pool refuses a 101st concurrent command; ours queues it (a bridge's burst)."""
+    client = connect(redis_url)
+    try:
+        burst = 300
+        results = await asyncio.gather(
+            *(client.blpop(f"vb:test:{uid}:burst:{i}", timeout=0.2) for i in range(burst)), return_exceptions=True)
+        assert [r for r in results if r is not None] == [], "every BLPOP times out empty; none may fail"
+        assert client.connection_pool.max_connections >= burst
+    finally:
+        await client.aclose()
