@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 
 from prometheus_client import Gauge
@@ -56,9 +57,12 @@ async def collect_once(redis, config=None) -> list[dict]:
         workers = await registry.worker_records(redis, pool)
         if workers and pool not in labels:
             labels[pool] = (workers[0].stage, workers[0].gpu_type)
+        if pool not in labels and pool in _LABELS_SEEN:
+            labels[pool] = _LABELS_SEEN[pool]  # its workers are gone: keep its series, do not start new ones
         if not workers and pool not in labels and not stats.length and not stats.dlq:
             continue  # a pool that once ran (e.g. a test) and left nothing behind
         stage, gpu = labels.get(pool, ("unknown", "unknown"))
+        _relabel(pool, (stage, gpu))
         lv = (pool, stage, gpu)
         POOL_LENGTH.labels(*lv).set(stats.length)
         POOL_LAG.labels(*lv).set(stats.lag)
@@ -80,6 +84,26 @@ async def collect_once(redis, config=None) -> list[dict]:
     GLOBAL_DLQ.set(await redis.xlen(Keys.DLQ))
     SESSIONS_KNOWN.set(await redis.zcard(Keys.SESSIONS))
     return rows
+
+
+# Labels each pool's series were last exported with. A gauge series is never updated again
+# once its labels change, so it would go on showing its last value: keep the labels of a
+# pool whose workers have all gone, and drop the old series when a pool really moves.
+_LABELS_SEEN: dict[str, tuple[str, str]] = {}
+_POOL_GAUGES = (POOL_LENGTH, POOL_LAG, POOL_PENDING, POOL_OLDEST_PENDING, POOL_HEAD_WAIT, POOL_DLQ, POOL_WORKERS,
+                POOL_JOB_P99)
+
+
+def _relabel(pool: str, now: tuple[str, str]) -> None:
+    before = _LABELS_SEEN.get(pool)
+    if before is not None and before != now:
+        for gauge in _POOL_GAUGES:
+            with contextlib.suppress(KeyError):
+                gauge.remove(pool, *before)
+        for state in ("busy", "total"):
+            with contextlib.suppress(KeyError):
+                POOL_SLOTS.remove(pool, *before, state)
+    _LABELS_SEEN[pool] = now
 
 
 def _median(values: list[float]) -> float:
