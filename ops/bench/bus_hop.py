@@ -38,7 +38,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from procstats import cpu_seconds, machine_jiffies, pct, receive_from
 
 FRAME_S = 0.020
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -112,10 +112,6 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process so far."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 # --------------------------------------------------------------------------
@@ -139,12 +135,6 @@ class PublishLog:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine, all cores, from /proc/stat."""
-    with open("/proc/stat", "rb") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
 
 
 async def _redis_cpu(redis: Any) -> float:
@@ -188,9 +178,9 @@ async def _publish_frames(spec: HopSpec) -> PublishLog:
     shape = (spec.sessions, spec.frames_per_session)
     log = PublishLog(call=np.full(shape, np.nan), ack=np.full(shape, np.nan), due=due)
     redis_cpu0 = await _redis_cpu(redis)
-    machine0 = await asyncio.to_thread(_machine_jiffies)
+    machine0 = await asyncio.to_thread(machine_jiffies)
     _settle_heap()
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     await asyncio.sleep(max(0.0, float(due.min()) - time.perf_counter()))
     wall0 = time.perf_counter()
     for seq in range(spec.frames_per_session):
@@ -204,9 +194,9 @@ async def _publish_frames(spec: HopSpec) -> PublishLog:
             fut.add_done_callback(partial(_on_ack, log, i, seq))
     await pub.flush()
     await asyncio.sleep(0)  # let the last done-callbacks run
-    log.cpu_s, log.wall_s = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    log.cpu_s, log.wall_s = cpu_seconds() - cpu0, time.perf_counter() - wall0
     log.redis_cpu_s = await _redis_cpu(redis) - redis_cpu0
-    machine1 = await asyncio.to_thread(_machine_jiffies)
+    machine1 = await asyncio.to_thread(machine_jiffies)
     busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
     log.machine_busy = busy / total if total else 0.0
     log.stats = _batch_stats(pub)
@@ -261,7 +251,7 @@ async def _receive_frames(spec: HopSpec, conn: Connection) -> ReceiveLog:
         items = await mux.read()
         now = time.perf_counter()
         if items and not got:  # CPU is counted from the first frame on
-            cpu0, wall0 = _cpu_seconds(), now
+            cpu0, wall0 = cpu_seconds(), now
         for item in items:
             log.recv[index[item.key], item.msg.seq] = now
         got += len(items)
@@ -272,7 +262,7 @@ async def _receive_frames(spec: HopSpec, conn: Connection) -> ReceiveLog:
             stopping = stopping or conn.poll()
             if stopping:
                 break
-    log.cpu_s, log.wall_s = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    log.cpu_s, log.wall_s = cpu_seconds() - cpu0, time.perf_counter() - wall0
     await redis.aclose()
     return log
 
@@ -293,15 +283,6 @@ class HopRun:
     recv: ReceiveLog
 
 
-def _receive_from(conn: Connection, proc: Any, timeout: float) -> Any:
-    """The child's next message; raises if it dies or stays silent for `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not conn.poll(0.2):
-        if not proc.is_alive():
-            raise RuntimeError(f"{proc.name} exited with code {proc.exitcode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.name} sent nothing within {timeout:.0f}s")
-    return conn.recv()
 
 
 def run_hop(spec: HopSpec) -> HopRun:
@@ -313,14 +294,14 @@ def run_hop(spec: HopSpec) -> HopRun:
     publisher = ctx.Process(target=_publisher_main, args=(spec, p_child), name="bus-hop-publisher")
     consumer.start()
     try:
-        if _receive_from(c_parent, consumer, 60) != "ready":
+        if receive_from(c_parent, consumer, 60) != "ready":
             raise RuntimeError("consumer process did not become ready")
         publisher.start()
-        pub_log: PublishLog = _receive_from(p_parent, publisher, 60 + 10 * spec.seconds)
+        pub_log: PublishLog = receive_from(p_parent, publisher, 60 + 10 * spec.seconds)
         publisher.join()
         if not c_parent.poll(spec.drain_s):
             c_parent.send("stop")  # whatever has not arrived by now counts as lost
-        recv_log: ReceiveLog = _receive_from(c_parent, consumer, 60)
+        recv_log: ReceiveLog = receive_from(c_parent, consumer, 60)
         consumer.join()
         return HopRun(pub_log, recv_log)
     finally:
@@ -458,8 +439,6 @@ def delete_prefixed(client: Any, prefix: str) -> int:
 # --------------------------------------------------------------------------
 
 
-def _pct(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values.size else None
 
 
 def _others_pct(pub: PublishLog, recv: ReceiveLog) -> float | None:
@@ -490,16 +469,16 @@ def hop_report(spec: HopSpec, run: HopRun) -> dict[str, Any]:
         "lost": int((acked & ~received).sum()),
         "publish_failed": pub.failed,
         "duplicates": pub.duplicates,
-        "voxbus_p50_ms": _pct(hop, 50),
-        "voxbus_p90_ms": _pct(hop, 90),
-        "voxbus_p99_ms": _pct(hop, 99),
-        "voxbus_p999_ms": _pct(hop, 99.9),
-        "voxbus_max_ms": _pct(hop, 100),
-        "publish_p50_ms": _pct(publish, 50),
-        "publish_p99_ms": _pct(publish, 99),
-        "due_to_receipt_p99_ms": _pct(due_to_recv, 99),
-        "pacing_lag_p99_ms": _pct(lag, 99),
-        "pacing_lag_max_ms": _pct(lag, 100),
+        "voxbus_p50_ms": pct(hop, 50),
+        "voxbus_p90_ms": pct(hop, 90),
+        "voxbus_p99_ms": pct(hop, 99),
+        "voxbus_p999_ms": pct(hop, 99.9),
+        "voxbus_max_ms": pct(hop, 100),
+        "publish_p50_ms": pct(publish, 50),
+        "publish_p99_ms": pct(publish, 99),
+        "due_to_receipt_p99_ms": pct(due_to_recv, 99),
+        "pacing_lag_p99_ms": pct(lag, 99),
+        "pacing_lag_max_ms": pct(lag, 100),
         "late_frames": int(late.sum()),
         "sessions_behind": int(late.any(axis=1).sum()),
         "publisher_wall_s": round(pub.wall_s, 3),
@@ -626,8 +605,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "celery_version": _celery_version(),
         "celery_samples": int(celery_ms.size),
         "celery_warmup": args.celery_warmup if celery_ms.size else 0,
-        "celery_p50_ms": _pct(celery_ms, 50),
-        "celery_p99_ms": _pct(celery_ms, 99),
+        "celery_p50_ms": pct(celery_ms, 50),
+        "celery_p99_ms": pct(celery_ms, 99),
         "celery_broker_db": args.celery_db,
         "seed": spec.seed,
     }

@@ -86,7 +86,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -105,6 +104,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from procstats import cpu_seconds, machine_jiffies, pct, receive_from
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -169,17 +169,8 @@ class CapSpec:
         return [f"cap{self.run_id}-{i}" for i in range(self.sessions)]
 
 
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, all cores."""
-    with open("/proc/stat", "rb") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
 
 
 def _process_cpu_seconds(pid: int) -> float:
@@ -192,8 +183,6 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _pct(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values.size else None
 
 
 # --------------------------------------------------------------------------
@@ -310,7 +299,7 @@ def _run_callers(spec: CapSpec, conn: Connection) -> CallerLog:
     while not callers.finished:
         now = time.time()
         if cpu0 is None and now >= measure_from:
-            cpu0, wall0 = _cpu_seconds(), now
+            cpu0, wall0 = cpu_seconds(), now
         idx, seq, due = callers.take_due(t0, now)
         if idx.size:
             recs = callers.records(idx, seq)
@@ -325,12 +314,12 @@ def _run_callers(spec: CapSpec, conn: Connection) -> CallerLog:
             time.sleep(max(0.0005, callers.next_due(t0) - time.time()))
     sock.sendall(BATCH_HEAD.pack(0))
     end = time.time()
-    log.cpu_s = _cpu_seconds() - (cpu0 if cpu0 is not None else 0.0)
+    log.cpu_s = cpu_seconds() - (cpu0 if cpu0 is not None else 0.0)
     log.wall_s = end - (wall0 if wall0 is not None else t0)
     lag = np.concatenate(lags) if lags else np.zeros(0)
     log.late = int((lag > FRAME_S).sum())
-    log.lag_p99_ms = _pct(lag * 1000, 99)
-    log.lag_max_ms = _pct(lag * 1000, 100)
+    log.lag_p99_ms = pct(lag * 1000, 99)
+    log.lag_max_ms = pct(lag * 1000, 100)
     sock.close()
     return log
 
@@ -433,8 +422,8 @@ class Probe:
         ticks = np.frombuffer(self.tick, dtype=np.float64) * 1000
         intervals = np.diff(np.frombuffer(self.tick_start, dtype=np.float64)) * 1000
         r = self.result
-        r.ingest_ms = {f"p{q}": _pct(lat, q) for q in (50, 90, 99, 99.9, 100)}
-        r.tick_ms = {**{f"p{q}": _pct(ticks, q) for q in (50, 99, 100)}, "interval_p99": _pct(intervals, 99)}
+        r.ingest_ms = {f"p{q}": pct(lat, q) for q in (50, 90, 99, 99.9, 100)}
+        r.tick_ms = {**{f"p{q}": pct(ticks, q) for q in (50, 99, 100)}, "interval_p99": pct(intervals, 99)}
         r.tick_overruns = int((ticks > FRAME_S * 1000).sum())
         r.ticks = int(ticks.size)
         r.vad_events = dict(self.events)
@@ -517,9 +506,9 @@ async def _snapshot(redis: Any, spec: CapSpec) -> Snapshot:
             done = int(group.get("entries-read") or 0) - int(group.get("pending") or 0)
     except ResponseError:  # no job yet
         pass
-    machine = await asyncio.to_thread(_machine_jiffies)
+    machine = await asyncio.to_thread(machine_jiffies)
     worker = await asyncio.to_thread(_process_cpu_seconds, spec.worker_pid)
-    return Snapshot(time.time(), _cpu_seconds(), time.thread_time(), float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+    return Snapshot(time.time(), cpu_seconds(), time.thread_time(), float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
                     machine, worker, added, done)
 
 
@@ -710,7 +699,7 @@ def idle_xadd_rtt(client: Any, run_id: str, samples: int = 300) -> dict[str, flo
         lat.append((time.perf_counter() - t0) * 1000)
     client.delete(key)
     arr = np.array(lat[20:])
-    return {"idle_xadd_rtt_p50_ms": _pct(arr, 50), "idle_xadd_rtt_p99_ms": _pct(arr, 99)}
+    return {"idle_xadd_rtt_p50_ms": pct(arr, 50), "idle_xadd_rtt_p99_ms": pct(arr, 99)}
 
 
 # --------------------------------------------------------------------------
@@ -760,14 +749,6 @@ def _short(frame: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _receive_from(conn: Connection, proc: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while not conn.poll(0.2):
-        if not proc.is_alive():
-            raise RuntimeError(f"{proc.name} exited with code {proc.exitcode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.name} sent nothing within {timeout:.0f}s")
-    return conn.recv()
 
 
 @dataclass(slots=True)
@@ -821,10 +802,10 @@ def _measure(spec: CapSpec, env: Env, args: argparse.Namespace, client: Any) -> 
     raw = Path(args.profile or ".") / f"bridge-{spec.sessions}.txt"
     try:
         bridge.start()
-        if _receive_from(b_parent, bridge, 120 + spec.sessions / 50) != "ready":
+        if receive_from(b_parent, bridge, 120 + spec.sessions / 50) != "ready":
             raise RuntimeError("bridge did not become ready")
         callers.start()
-        if _receive_from(c_parent, callers, 60) != "ready":
+        if receive_from(c_parent, callers, 60) != "ready":
             raise RuntimeError("callers did not become ready")
         load_before = os.getloadavg()[0]
         t0 = time.time() + 0.5
@@ -835,8 +816,8 @@ def _measure(spec: CapSpec, env: Env, args: argparse.Namespace, client: Any) -> 
             time.sleep(max(0.0, t0 + spec.warmup_s - time.time()))
             profiler = start_profiler(bridge.pid, spec.seconds, raw)
         budget = 60 + 5 * (spec.warmup_s + spec.seconds)
-        caller_log: CallerLog = _receive_from(c_parent, callers, budget)
-        result: BridgeResult = _receive_from(b_parent, bridge, budget)
+        caller_log: CallerLog = receive_from(c_parent, callers, budget)
+        result: BridgeResult = receive_from(b_parent, bridge, budget)
         for proc in (bridge, callers):
             proc.join(30)
         in_redis = count_in_redis(client, [f"vb:{{{sid}}}:audio.in" for sid in spec.session_ids()])
