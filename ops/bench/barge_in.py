@@ -452,7 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or DEFAULT_URL)
     p.add_argument("--trials", type=int, default=200, help="synthetic-engine trials")
-    p.add_argument("--llama-trials", type=int, default=100)
+    p.add_argument("--llama-trials", type=int, default=300,
+                   help="llama.cpp trials (a p99 of 100 samples is their second-worst: too noisy)")
     p.add_argument("--step-ms", type=float, default=20.0, help="the synthetic engine's step time")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--pools", help="pools file whose llama.cpp pool is measured (default: ops/pools/cpu.toml)")
