@@ -23,8 +23,8 @@ import pytest
 import pytest_asyncio
 import redis as sync_redis
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 
+from prom_samples import local_counter
 from shared.embedded_redis import EmbeddedRedis
 from shared.redis_conn import DEFAULT_URL, connect, redact_url
 
@@ -92,16 +92,8 @@ def restart_redis() -> Callable[..., Awaitable[None]]:
     return _crash_and_restart
 
 
-def counter_value(name: str, **labels: str) -> float:
-    """Sum of the samples of counter `name` (e.g. "voxbus_bus_rejected_total") whose labels include `labels`."""
-    total = 0.0
-    for metric in REGISTRY.collect():
-        for sample in metric.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 @pytest.fixture
 def counter() -> Callable[..., float]:
-    return counter_value
+    return local_counter

@@ -51,7 +51,6 @@ import numpy as np
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
-from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import caller
@@ -61,6 +60,7 @@ from bridge.transports.webrtc import WebRtcTransport
 from shared.config import STAGES, Config, parse_config
 from shared.embedded_redis import EmbeddedRedis, free_port
 from pools_toml import renamed_cpu_pools_toml
+from prom_samples import sample_sum
 from shared.protocol import (
     AudioOut,
     Keys,
@@ -117,22 +117,9 @@ class WorkerProc:
 
     def counter(self, name: str, **labels: str) -> float:
         """Sum of the samples named `name` (e.g. "voxbus_bus_rejected_total") whose labels include `labels`."""
-        total = 0.0
-        for family in text_string_to_metric_families(self.metrics_text()):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
+        return sample_sum(text_string_to_metric_families(self.metrics_text()), name, **labels)
 
 
-def local_counter(name: str, **labels: str) -> float:
-    """The same sum over this process's own registry (the bridge runs in the test process)."""
-    total = 0.0
-    for family in REGISTRY.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def pool_counter(workers: list[WorkerProc], name: str, **labels: str) -> float:

@@ -57,7 +57,6 @@ from chaos_conftest import (
     chaos_bridge,
     connected_caller,
     eventually,
-    local_counter,
     pool_counter,
     question_audio,
     run_turn,
@@ -65,6 +64,7 @@ from chaos_conftest import (
     wait_turn_done,
 )
 
+from prom_samples import local_counter
 from bridge.core import Bridge
 from bridge.session import TurnState
 from bridge.transports.webrtc import WebRtcTransport

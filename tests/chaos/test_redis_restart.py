@@ -38,13 +38,13 @@ from chaos_conftest import (
     chaos_bridge,
     connected_caller,
     final_transcripts,
-    local_counter,
     question_audio,
     run_turn,
     wait_transcript,
     wait_turn_done,
 )
 
+from prom_samples import local_counter
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.config import STAGES

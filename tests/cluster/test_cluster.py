@@ -29,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from polling import wait_until
 from shared.bus import BatchPublisher, StreamMux
 from shared.cancel import CancelHub, cancelled_turn, publish_cancel
 from shared.exporter import collect_once
@@ -96,16 +97,6 @@ def spread(client: Any, names: Any, per_master: int, key: Any = Keys.tokens) -> 
     raise AssertionError(f"no {per_master} names per master among the candidates")
 
 
-async def wait_for(check, timeout: float, what: str, interval: float = 0.02):  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --------------------------------------------------------------------------
@@ -522,7 +513,7 @@ async def test_a_cancel_reaches_a_hub_subscribed_through_another_master(cluster_
         async def moved() -> bool:
             return hub.node != first_node
 
-        await wait_for(moved, 5, "the hub to subscribe through another node")
+        await wait_until(moved, 5, "the hub to subscribe through another node")
         assert not wb.cancelled
 
         await publish_cancel(cluster_redis, Cancel(session=b, turn=1))
@@ -572,7 +563,7 @@ async def test_a_real_worker_serves_llm_jobs_and_cancels_on_the_cluster(
             return [r for r in await registry.worker_records(cluster_redis, pool) if r.pid == proc.pid]
 
         try:
-            await wait_for(registered, 45, "the worker to register")
+            await wait_until(registered, 45, "the worker to register")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log_tail()}") from None
 
@@ -588,7 +579,7 @@ async def test_a_real_worker_serves_llm_jobs_and_cancels_on_the_cluster(
                 toks = await _tokens(cluster_redis, sid, 0)
                 return toks if toks and toks[-1].final else []
 
-            toks = await wait_for(final, 20, f"the final token of {sid}")
+            toks = await wait_until(final, 20, f"the final token of {sid}")
             assert [t.seq for t in toks] == list(range(len(toks))) and len(toks) == 7
             assert "".join(t.text for t in toks) == "Paris is the capital Paris is"
 
@@ -596,14 +587,14 @@ async def test_a_real_worker_serves_llm_jobs_and_cancels_on_the_cluster(
         long_sid = f"long-{uid}"
         await cluster_redis.rpush(Keys.ctx(long_sid), encode(ChatMessage(session=long_sid, role="user", text="Talk.")))
         await enqueue(cluster_redis, pool, LlmJob(session=long_sid, turn=1, max_tokens=500))  # 10 s of tokens
-        await wait_for(lambda: _tokens(cluster_redis, long_sid, 1), 10, "the first token of the long job")
+        await wait_until(lambda: _tokens(cluster_redis, long_sid, 1), 10, "the first token of the long job")
         await publish_cancel(cluster_redis, Cancel(session=long_sid, turn=1))
 
         async def cancelled() -> list[Any]:
             evs = [decode_entry(f) for _, f in await cluster_redis.xrange(Keys.events(long_sid))]
             return [e for e in evs if isinstance(e, Cancelled) and e.turn == 1]
 
-        await wait_for(cancelled, 5, "the worker to report the cancelled job")
+        await wait_until(cancelled, 5, "the worker to report the cancelled job")
         assert not any(t.final for t in await _tokens(cluster_redis, long_sid, 1))
 
         # The exporter reads the pool's queue figures and the live worker from the cluster.
@@ -611,7 +602,7 @@ async def test_a_real_worker_serves_llm_jobs_and_cancels_on_the_cluster(
             row = {r["pool"]: r for r in await collect_once(cluster_redis)}[pool]
             return row if row["pending"] == 0 else None
 
-        row = await wait_for(settled, 5, "the cancelled job to be acked")
+        row = await wait_until(settled, 5, "the cancelled job to be acked")
         assert (row["workers"], row["slots_total"], row["length"], row["lag"]) == (1, 2, 10, 0)
     finally:
         if proc.returncode is None:
@@ -692,7 +683,7 @@ async def test_frames_and_cancels_flow_again_after_a_master_restarts(redis_clust
     tasks = [asyncio.create_task(f(), name=f.__name__) for f in (produce, read)]
     port = int(victim.rsplit(":", 1)[1])
     try:
-        await wait_for(lambda: frames_from(5), 10, "frames of every session before the restart")
+        await wait_until(lambda: frames_from(5), 10, "frames of every session before the restart")
         await asyncio.to_thread(redis_cluster.kill, port)
         # A plain command to the dead master waits (backing off) instead of failing at once.
         patient = asyncio.create_task(cluster_redis.set(Keys.meta(victim_sids[1]), b"after", ex=60))
@@ -701,7 +692,7 @@ async def test_frames_and_cancels_flow_again_after_a_master_restarts(redis_clust
         await asyncio.to_thread(redis_cluster.revive, port)
         assert await asyncio.wait_for(patient, 10) is True
         restarted_at = next_seq
-        await wait_for(lambda: frames_from(restarted_at + 5), 20, "frames of every session after the restart")
+        await wait_until(lambda: frames_from(restarted_at + 5), 20, "frames of every session after the restart")
 
         # The hub lost its node: it listens through another one now, and a cancel for a
         # session of the restarted master still arrives.
@@ -719,7 +710,7 @@ async def test_frames_and_cancels_flow_again_after_a_master_restarts(redis_clust
             alive()
             return all(set(range(restarted_at, last)) <= received[Keys.audio_in(sid)] for sid in sids)
 
-        await wait_for(everything, 20, "every frame published after the restart")
+        await wait_until(everything, 20, "every frame published after the restart")
         escaped = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
         assert escaped == [], f"publishes failed instead of being retried: {escaped[:3]}"
     finally:

@@ -21,9 +21,9 @@ from worker_support import (
     tokens,
     wait_final,
     wait_tokens,
-    wait_until,
 )
 
+from polling import wait_until
 from shared.cancel import publish_cancel
 from shared.models import ModelMissing, resolve
 from shared.protocol import Cancel, Cancelled

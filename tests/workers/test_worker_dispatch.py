@@ -18,9 +18,9 @@ from worker_support import (
     tokens,
     total_pending,
     wait_final,
-    wait_until,
 )
 
+from polling import wait_until
 from shared.bus import BatchPublisher
 from shared.config import load_config
 from shared.jobs import JobQueue, enqueue

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from polling import wait_until
 from shared.jobs import enqueue
 from shared.protocol import (
     AnyMessage,
@@ -45,17 +44,6 @@ async def events(redis: aioredis.Redis, sid: str) -> list[AnyMessage]:
     return [decode_entry(fields) for _, fields in await redis.xrange(Keys.events(sid))]
 
 
-async def wait_until(check: Callable[[], Awaitable[T]], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def wait_tokens(redis: aioredis.Redis, sid: str, turn: int, n: int, timeout: float = 15.0) -> list[TokenChunk]:
