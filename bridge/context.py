@@ -31,7 +31,10 @@ class SessionContext:
 
     def open_into(self, pipe: aioredis.client.Pipeline) -> None:
         """The session's first write, as part of the bridge's session-opening pipeline."""
-        pipe.set(Keys.meta(self.sid), self.meta, ex=self.ttl_s)
+        self._write_all(pipe, keep_meta=False)
+
+    def _write_all(self, pipe: aioredis.client.Pipeline, *, keep_meta: bool) -> None:
+        pipe.set(Keys.meta(self.sid), self.meta, ex=self.ttl_s, nx=keep_meta)
         pipe.delete(Keys.ctx(self.sid))
         pipe.rpush(Keys.ctx(self.sid), *self.entries)
         pipe.expire(Keys.ctx(self.sid), self.ttl_s)
@@ -53,10 +56,7 @@ class SessionContext:
 
     async def _rewrite(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(Keys.meta(self.sid), self.meta, ex=self.ttl_s, nx=True)
-        pipe.delete(Keys.ctx(self.sid))
-        pipe.rpush(Keys.ctx(self.sid), *self.entries)
-        pipe.expire(Keys.ctx(self.sid), self.ttl_s)
+        self._write_all(pipe, keep_meta=True)
         await pipe.execute()
         metrics.CONTEXT_RESTORED.inc()
         log.warning("session %s: context was gone from Redis (restart?); wrote its %d entries again",

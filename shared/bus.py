@@ -292,6 +292,7 @@ class BatchPublisher:
         published: Counter[str] = Counter()
         duplicates: Counter[str] = Counter()
         failed: Counter[str] = Counter()
+        first_failure: Exception | None = None
         for (key, _, _, _, fut), res in zip(batch, results):
             if fut.done():
                 continue
@@ -300,6 +301,7 @@ class BatchPublisher:
                 fut.set_result(None)
             elif isinstance(res, Exception):
                 failed[key] += 1
+                first_failure = first_failure or res
                 fut.set_exception(res)
             else:
                 published[key] += 1
@@ -308,8 +310,7 @@ class BatchPublisher:
         _count_by_kind(metrics.BUS_DUPLICATES, duplicates)
         if failed:  # refused by Redis (an error reply, not a lost connection: those are retried)
             _count_by_kind(metrics.BUS_PUBLISH_FAILED, failed)
-            log.warning("Redis refused %d entries: %s", sum(failed.values()),
-                        next(r for r in results if isinstance(r, Exception) and DUPLICATE_ID_ERROR not in str(r)))
+            log.warning("Redis refused %d entries: %s", sum(failed.values()), first_failure)
         self._batches += 1
         self._entries += len(batch)
         self._max_seen = max(self._max_seen, len(batch))

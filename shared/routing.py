@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -26,6 +28,7 @@ from .metrics import JOBS_ENQUEUE_FAILED, OVERFLOWS, OVERFLOWS_REFUSED
 from .queue_stats import PoolStats, pool_stats
 
 log = logging.getLogger("voxbus.routing")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -42,24 +45,22 @@ class Router:
         self.config = config
         self.stats_ttl_s = stats_ttl_s
         self.live_window_s = live_window_s  # workers heartbeat every 0.25 s: 2 s of silence is a dead pool
-        self._stats: dict[str, tuple[float, PoolStats]] = {}
-        self._live: dict[str, tuple[float, int]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}  # (what, pool) -> (when, value)
+
+    async def _cached(self, what: str, pool: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        hit = self._cache.get((what, pool))
+        if hit and time.monotonic() - hit[0] < self.stats_ttl_s:
+            return hit[1]
+        value = await fetch()
+        self._cache[(what, pool)] = (time.monotonic(), value)
+        return value
 
     async def _stats_of(self, pool: str) -> PoolStats:
-        cached = self._stats.get(pool)
-        if cached and time.monotonic() - cached[0] < self.stats_ttl_s:
-            return cached[1]
-        stats = await pool_stats(self.redis, pool)
-        self._stats[pool] = (time.monotonic(), stats)
-        return stats
+        return await self._cached("stats", pool, lambda: pool_stats(self.redis, pool))
 
     async def _live_workers(self, pool: str) -> int:
-        cached = self._live.get(pool)
-        if cached and time.monotonic() - cached[0] < self.stats_ttl_s:
-            return cached[1]
-        n = int(await self.redis.zcount(Keys.pool_workers(pool), time.time() - self.live_window_s, "+inf"))
-        self._live[pool] = (time.monotonic(), n)
-        return n
+        return await self._cached("live", pool, lambda: self.redis.zcount(
+            Keys.pool_workers(pool), time.time() - self.live_window_s, "+inf"))
 
     @staticmethod
     def _saturation(pool: PoolConfig, stats: PoolStats) -> str:
