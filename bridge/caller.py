@@ -55,6 +55,13 @@ class SpeechTrack(MediaStreamTrack):
         self._marks: list[tuple[int, str]] = []  # (sample position, name) to timestamp when sent
         self.marks: dict[str, float] = {}  # name -> wall clock when its sample left the mic
         self.playing_until = 0.0
+        self._noise: np.ndarray | None = None  # background noise mixed into every frame (48 kHz int16 loop)
+        self._noise_pos = 0
+
+    def set_noise(self, noise48k: np.ndarray | None) -> None:
+        """Mix this loop of noise (48 kHz int16) into everything the mic sends, silence included."""
+        self._noise = None if noise48k is None or not len(noise48k) else noise48k.astype(np.int16)
+        self._noise_pos = 0
 
     def play(self, pcm16k: np.ndarray, mark_voiced_end: str | None = None) -> None:
         """Queue a clip; with `mark_voiced_end`, record when its last voiced sample is sent."""
@@ -81,6 +88,10 @@ class SpeechTrack(MediaStreamTrack):
         chunk, self._queue = self._queue[:FRAME], self._queue[FRAME:]
         if len(chunk) < FRAME:
             chunk = np.concatenate([chunk, np.zeros(FRAME - len(chunk), dtype=np.int16)])
+        if self._noise is not None:
+            idx = (self._noise_pos + np.arange(FRAME)) % len(self._noise)
+            self._noise_pos = (self._noise_pos + FRAME) % len(self._noise)
+            chunk = np.clip(chunk.astype(np.int32) + self._noise[idx], -32768, 32767).astype(np.int16)
         consumed = self._queued_total - len(self._queue)  # queued samples that have left the mic
         for pos, name in list(self._marks):
             if pos <= consumed:

@@ -20,7 +20,7 @@ from typing import Any
 
 from shared import metrics
 from shared.bus import BatchPublisher, StreamMux, session_of
-from shared.config import Config
+from shared.config import BridgeConfig, Config
 from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
 from shared.redis_conn import connect, wait_ready
 from shared.routing import Router
@@ -41,6 +41,15 @@ class TooManySessions(RuntimeError):
     pass
 
 
+def endpoint_config(b: BridgeConfig) -> EndpointConfig:
+    """The VAD's settings: with an end-of-turn model, silence ends a turn only after max_endpoint_ms."""
+    silence = b.max_endpoint_ms if b.eot != "none" else b.min_silence_ms
+    return EndpointConfig(
+        threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms, min_silence_ms=silence,
+        speech_pad_ms=b.speech_pad_ms, max_speech_ms=b.max_utterance_ms,
+        pause_ms=b.preemptive_pause_ms if 0 < b.preemptive_pause_ms < silence else None)
+
+
 class Bridge:
     def __init__(self, redis_url: str, config: Config, *, vad_engine: Any | None = None) -> None:
         self.redis_url = redis_url
@@ -54,6 +63,10 @@ class Bridge:
         self._opening: set[str] = set()  # ids between the limit check and the session's creation
         self.started = asyncio.Event()
 
+    @property
+    def bridge_config(self) -> BridgeConfig:
+        return self.config.bridge
+
     async def start(self) -> None:
         self.redis = connect(self.redis_url)
         await wait_ready(self.redis, 30, self.redis_url)
@@ -61,11 +74,7 @@ class Bridge:
         self.router = Router(self.redis, self.config)
         self.mux = StreamMux(self.redis, block_ms=20)
         engine = self._vad_engine or create_vad("silero", {})
-        b = self.config.bridge
-        self.vad = BatchVad(engine, EndpointConfig(
-            threshold=b.vad_threshold, min_speech_ms=b.min_speech_ms, min_silence_ms=b.min_silence_ms,
-            speech_pad_ms=b.speech_pad_ms,
-            pause_ms=b.preemptive_pause_ms if 0 < b.preemptive_pause_ms < b.min_silence_ms else None))
+        self.vad = BatchVad(engine, endpoint_config(self.config.bridge))
         self._tasks = [asyncio.create_task(self._ingest_loop(), name="bridge-ingest"),
                        asyncio.create_task(self._reader_loop(), name="bridge-reader")]
         self.started.set()

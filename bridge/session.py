@@ -1,35 +1,30 @@
-"""One live call: the turn state machine, its context and its playout.
+"""One live call: feeds its events to the turn machine and applies the commands it returns.
 
-States: listening -> user_speaking (VAD start) -> thinking (end of speech: ASR
-job; final transcript: LLM + TTS jobs, TTS following the tokens) ->
-agent_speaking (first agent frame sent) -> listening (last frame sent).
-
-Barge-in:
-- a client `interrupt` kills the turn at once: the playout queue is flushed
-  synchronously (no frame of the turn leaves after it), the cancel is
-  published, and the context gets the text the caller actually heard;
-- the bridge's VAD hearing the caller over the agent for `barge_in_min_speech_ms`
-  (a separate bound while thinking) pauses playout at once and cancels the
-  generation; a non-empty transcript of the new speech confirms it (flush,
-  heard text into the context); if none comes within
-  `false_interrupt_timeout_ms`, playout resumes where it paused (a false
-  interruption, recorded as an event).
+Every turn-taking decision (barge-in, speculation, merges, end of turn) is in
+`bridge.turns`; this module does the I/O those decisions need: it publishes
+caller frames and events, queues jobs through the router, writes the
+conversation context, drives the playout queue, asks the end-of-turn model,
+talks to the caller through its transport's sink, and keeps each turn's
+latency waterfall (`bridge.waterfall`). It knows its bridge only through the
+narrow `SessionHost` interface.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import redis.asyncio as aioredis
 
 from shared import metrics
+from shared.bus import BatchPublisher
 from shared.cancel import publish_cancel
+from shared.config import BridgeConfig
 from shared.protocol import (
     FRAME_SAMPLES,
     AsrJob,
@@ -38,6 +33,8 @@ from shared.protocol import (
     Cancel,
     Cancelled,
     ChatMessage,
+    EotDecision,
+    EotJob,
     Interrupt,
     JobFailed,
     Keys,
@@ -52,22 +49,22 @@ from shared.protocol import (
     encode,
     frame_entry_id,
 )
+from shared.routing import Router
 
+from . import turn_events as ev
 from .audio import Framer
 from .playout import OutFrame, Playout
+from .turns import TurnConfig, TurnMachine
+from .waterfall import TurnTimes
 
 if TYPE_CHECKING:
     from .context import SessionContext
-    from .core import Bridge
 
 log = logging.getLogger("voxbus.session")
 
-
-class TurnState(str, enum.Enum):
-    LISTENING = "listening"
-    USER_SPEAKING = "user_speaking"
-    THINKING = "thinking"
-    AGENT_SPEAKING = "agent_speaking"
+TurnState = ev.Phase  # the name the transports and tests use
+EOT_PRE_SPEECH_FRAMES = 25  # the end-of-turn model hears 500 ms before the utterance, as pipecat feeds it
+EOT_WINDOW_FRAMES = 400  # and at most its last 8 s (the model's window)
 
 
 class ClientSink(Protocol):
@@ -88,82 +85,60 @@ class NullSink:
         return None
 
 
-@dataclass
-class TurnTimes:
-    """Per-turn marks for the latency waterfall (wall-clock seconds / ms)."""
+class SessionHost(Protocol):
+    """What a session needs from its bridge."""
 
-    turn: int
-    speech_end_ts: float = 0.0  # capture time of the last voiced frame
-    endpoint_ts: float = 0.0  # when the VAD decided the turn ended
-    endpoint_ms: float = 0.0
-    transcript_ts: float = 0.0
-    asr_ms: float = 0.0
-    llm_ttft_ms: float = 0.0
-    tts_first_audio_ms: float = 0.0
-    first_audio_ts: float = 0.0  # first agent frame handed to the transport
-    user_text: str = ""
-    agent_text: str = ""
-    heard_text: str = ""
-    interrupted: bool = False
-    overflow: list[str] = field(default_factory=list)
-    tts_first_clause_ms: float = 0.0  # TTS job start -> first clause of tokens ready
-    hops: dict[str, float] = field(default_factory=dict)  # Redis hops on the critical path, ms
+    redis: aioredis.Redis
+    publisher: BatchPublisher
+    router: Router
 
     @property
-    def bus_overhead_ms(self) -> float:
-        return sum(self.hops.values())
+    def bridge_config(self) -> BridgeConfig: ...
 
-    def waterfall(self) -> dict[str, Any]:
-        resp = (self.first_audio_ts - self.endpoint_ts) * 1000 if self.first_audio_ts and self.endpoint_ts else None
-        return {
-            "turn": self.turn, "endpoint_ms": round(self.endpoint_ms, 1), "asr_ms": round(self.asr_ms, 1),
-            "llm_ttft_ms": round(self.llm_ttft_ms, 1), "tts_first_audio_ms": round(self.tts_first_audio_ms, 1),
-            "response_ms": round(resp, 1) if resp is not None else None,
-            "speech_end_ts": self.speech_end_ts, "endpoint_ts": self.endpoint_ts, "first_audio_ts": self.first_audio_ts,
-            "tts_first_clause_ms": round(self.tts_first_clause_ms, 1), "bus_overhead_ms": round(self.bus_overhead_ms, 2),
-            "hops": {k: round(v, 2) for k, v in self.hops.items()},
-            "user_text": self.user_text, "agent_text": self.agent_text, "interrupted": self.interrupted,
-        }
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
 
-@dataclass
-class SpeculativeTurn:
-    """A turn started at a pause in the caller's speech, not yet confirmed by the end of speech."""
-
-    turn: int
-    start_frame: int
-    end_frame: int
-    transcript: Transcript | None = None
-    generating: bool = False
-    ctx_entry: bytes | None = None  # the user message appended for it (removed if abandoned)
-    held_tokens: list[TokenChunk] = field(default_factory=list)
+def turn_config(cfg: BridgeConfig) -> TurnConfig:
+    return TurnConfig(
+        barge_in_min_speech_ms=cfg.barge_in_min_speech_ms, false_interrupt_timeout_ms=cfg.false_interrupt_timeout_ms,
+        eot=cfg.eot, eot_threshold=cfg.eot_threshold, min_endpoint_ms=cfg.min_endpoint_ms,
+        pause_ms=cfg.preemptive_pause_ms,
+    )
 
 
 class CallSession:
-    def __init__(self, bridge: Bridge, sid: str, context: SessionContext, *, pools: dict[str, str] | None = None,
+    def __init__(self, host: SessionHost, sid: str, context: SessionContext, *, pools: dict[str, str] | None = None,
                  sink: ClientSink | None = None, out_rate: int = 48_000) -> None:
-        self.bridge = bridge
+        self.host = host
         self.id = sid
         self.context = context
         self.pools = pools or {}
         self.sink: ClientSink = sink or NullSink()
-        self.cfg = bridge.config.bridge
-        self.state = TurnState.LISTENING
-        self.turn = -1  # the latest user turn (incremented at each end of speech)
-        self.agent_turn = -1  # the turn whose reply is being produced or played
+        self.cfg = host.bridge_config
+        self.machine = TurnMachine(turn_config(self.cfg))
         self.playout = Playout(out_rate)
         self.times: dict[int, TurnTimes] = {}
         self.started = time.time()
+        self.closed = False
         self._framer = Framer(FRAME_SAMPLES)
         self._frames: list[tuple[int, bytes, float]] = []
         self._seq = 0
         self._frame_ts: dict[int, float] = {}
-        self._speech_started_at: float | None = None
-        self._pending_barge: tuple[int, float] | None = None  # (turn, deadline) of a VAD barge-in
-        self._agent_tokens: dict[int, list[str]] = {}
-        self._token_seq: dict[int, int] = {}
-        self._spec: SpeculativeTurn | None = None
-        self.closed = False
+        self._user_entries: dict[int, bytes] = {}  # turn -> its user message in the context
+        self._heard_turns: set[int] = set()  # turns cut by a barge-in: their context entry is what was heard
+
+    # ---------------------------------------------------------------- what the transports and tests read
+    @property
+    def state(self) -> ev.Phase:
+        return self.machine.phase
+
+    @property
+    def turn(self) -> int:
+        return self.machine.turn
+
+    @property
+    def agent_turn(self) -> int:
+        return self.machine.agent_turn
 
     # ---------------------------------------------------------------- transport side
     def push_audio(self, pcm16k: np.ndarray, capture_ts: float | None = None) -> None:
@@ -177,7 +152,7 @@ class CallSession:
             return
         ts = capture_ts or time.time()
         key = Keys.audio_in(self.id)
-        publish = self.bridge.publisher.publish_nowait
+        publish = self.host.publisher.publish_nowait
         for frame in frames:
             pcm = frame.tobytes()
             seq = self._seq
@@ -186,25 +161,24 @@ class CallSession:
             self._seq = seq + 1
 
     def next_frame(self) -> OutFrame | None:
-        """The agent frame to send now (None: send silence); drives agent_speaking/listening."""
+        """The agent frame to send now (None: send silence)."""
         frame = self.playout.next_frame()
         if frame is None:
             return None
-        if frame.first:
-            t = self._times(frame.turn)
-            t.first_audio_ts = self.playout.turns[frame.turn].first_sent_at or time.time()
-            if t.speech_end_ts:
-                metrics.VOICE_TO_VOICE_MS.observe((t.first_audio_ts - t.speech_end_ts) * 1000)
-            self._set_state(TurnState.AGENT_SPEAKING, frame.turn)
-            self._send_waterfall(t)
-        if frame.last:
-            self._finish_agent_turn(frame.turn)
+        if frame.first or frame.last:
+            now = time.time()
+            if frame.first:
+                t = self._times(frame.turn)
+                t.first_audio_ts = self.playout.turns[frame.turn].first_sent_at or now
+                if t.speech_end_ts:
+                    metrics.VOICE_TO_VOICE_MS.observe((t.first_audio_ts - t.speech_end_ts) * 1000)
+            self._run(ev.FramePlayed(now, frame.turn, first=frame.first, last=frame.last))
+            self._send_waterfall(self._times(frame.turn))
         return frame if frame.pcm else None
 
     def interrupt(self, source: str = "client") -> None:
         """Client asked the agent to stop (control channel). Safe to call any time."""
-        if self.state in (TurnState.THINKING, TurnState.AGENT_SPEAKING) or self.playout.audible:
-            self._barge_in(source, hard=True)
+        self._run(ev.ClientInterrupt(time.time()))
 
     # ---------------------------------------------------------------- bridge side
     def take_frames(self) -> list[tuple[int, bytes, float]]:
@@ -218,113 +192,184 @@ class CallSession:
         return frames
 
     async def on_vad(self, event: SpeechStart | SpeechPause | SpeechEnd) -> None:
-        pub = self.bridge.publisher
-        pub.publish_nowait(Keys.events(self.id), event)
-        if isinstance(event, SpeechPause):
-            await self._on_pause(event)
-            return
+        self.host.publisher.publish_nowait(Keys.events(self.id), event)
+        now = time.time()
         if isinstance(event, SpeechStart):
-            self._speech_started_at = time.time()
-            if self.state in (TurnState.LISTENING, TurnState.USER_SPEAKING):
-                self._set_state(TurnState.USER_SPEAKING, self.turn + 1)
-            return
-        self._speech_started_at = None
-        spec = self._spec
-        if spec is not None and (spec.start_frame, spec.end_frame) != (event.start_frame, event.end_frame):
-            self._abandon_speculation("the utterance went on")
-            spec = None
-        if spec is None:
-            self.turn += 1
-        t = self._times(self.turn)
-        t.endpoint_ts = time.time()
-        t.speech_end_ts = self._frame_ts.get(event.end_frame, t.endpoint_ts)
-        t.endpoint_ms = event.silence_ms
-        metrics.ENDPOINTING_MS.observe(event.silence_ms)
-        if self.state == TurnState.USER_SPEAKING:
-            self._set_state(TurnState.THINKING, self.turn)
-        if spec is None:
-            job = AsrJob(session=self.id, turn=self.turn, start_seq=event.start_frame, end_seq=event.end_frame)
-            await self._submit("asr", job)
-            return
-        await self._confirm_speculation(spec)
-
-    async def _on_pause(self, event: SpeechPause) -> None:
-        if event.resumed:
-            if self._spec is not None:
-                self._abandon_speculation("the caller spoke again")
-            return
-        if self._spec is not None:
-            self._abandon_speculation("a newer pause")
-        self.turn += 1  # the id is used up even if the turn is abandoned: cancels name turns
-        self._spec = SpeculativeTurn(self.turn, event.start_frame, event.end_frame)
-        self.playout.hold_from = self.turn
-        metrics.PREEMPTIVE_TURNS.labels("started").inc()
-        await self._submit("asr", AsrJob(session=self.id, turn=self.turn, start_seq=event.start_frame,
-                                         end_seq=event.end_frame))
-
-    def _abandon_speculation(self, why: str) -> None:
-        spec = self._spec
-        assert spec is not None
-        self._spec = None
-        self.playout.hold_from = None
-        self.playout.flush(spec.turn)
-        metrics.PREEMPTIVE_TURNS.labels("abandoned").inc()
-        log.debug("session %s: speculative turn %d abandoned (%s)", self.id, spec.turn, why)
-        self.bridge.spawn(publish_cancel(self.bridge.redis, Cancel(session=self.id, turn=spec.turn, reason=f"speculation: {why}")))
-        if spec.ctx_entry is not None:
-            self.bridge.spawn(self.context.remove(spec.ctx_entry))
-
-    async def _confirm_speculation(self, spec: SpeculativeTurn) -> None:
-        """The end of speech matches the speculative turn: its work (maybe its audio) counts now."""
-        self._spec = None
-        self.playout.hold_from = None
-        metrics.PREEMPTIVE_TURNS.labels("confirmed").inc()
-        for chunk in spec.held_tokens:
-            self._on_token(chunk)
-        if spec.transcript is not None:
-            await self._on_transcript(spec.transcript)
+            await self._feed(ev.VadStart(now, event.frame))
+        elif isinstance(event, SpeechPause):
+            await self._feed(ev.VadResume(now) if event.resumed else ev.VadPause(now, event.start_frame, event.end_frame))
+        else:
+            await self._feed(ev.VadEnd(now, event.start_frame, event.end_frame, event.silence_ms))
 
     def tick(self, now: float) -> None:
-        """Timers: barge-in after enough speech over the agent; false-interruption resume."""
-        if self._speech_started_at is not None and self._pending_barge is None:
-            if self.state in (TurnState.AGENT_SPEAKING, TurnState.THINKING) or self.playout.audible:
-                need = self.cfg.barge_in_min_speech_ms if self.state == TurnState.AGENT_SPEAKING else self.cfg.barge_in_min_speech_thinking_ms
-                if (now - self._speech_started_at) * 1000 >= need:
-                    self._barge_in("vad", hard=False)
-        if self._pending_barge is not None:
-            turn, deadline = self._pending_barge
-            if now >= deadline and self._speech_started_at is None:
-                self._pending_barge = None
-                self.playout.resume()
-                self.bridge.publisher.publish_nowait(Keys.events(self.id), TurnMark(
-                    session=self.id, turn=turn, stage="bridge", mark="false_interruption"))
-                metrics.FALSE_INTERRUPTIONS.inc()
-                self.sink.send_control({"type": "false_interruption", "turn": turn})
-                if self.playout.queued:
-                    self._set_state(TurnState.AGENT_SPEAKING, turn)
+        self._run(ev.Tick(now))
 
     async def on_message(self, msg: Any) -> None:
+        now = time.time()
         if isinstance(msg, AudioOut):
-            if msg.turn >= self.agent_turn:
-                if msg.seq == 0:
-                    hop = self._times(msg.turn).hops["audio_out"] = max(0.0, (time.time() - msg.ts) * 1000)
-                    metrics.BUS_HOP_MS.labels("audio_out").observe(hop)
-                self.playout.add(msg)
+            if msg.seq == 0 and msg.turn >= self.playout.min_turn:
+                hop = self._times(msg.turn).hops["audio_out"] = max(0.0, (now - msg.ts) * 1000)
+                metrics.BUS_HOP_MS.labels("audio_out").observe(hop)
+            if self.playout.add(msg) or msg.final:
+                await self._feed(ev.AudioQueued(now, msg.turn, msg.final))
         elif isinstance(msg, TokenChunk):
-            self._on_token(msg)
+            await self._feed(ev.TokenIn(now, msg.turn, msg.seq, msg.text, msg.final))
         elif isinstance(msg, Transcript):
-            await self._on_transcript(msg)
+            if msg.final:
+                t = self._times(msg.turn)
+                if not t.transcript_ts:
+                    t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, now
+                    t.hops["transcript"] = max(0.0, (now - msg.ts) * 1000)
+                    metrics.BUS_HOP_MS.labels("transcript").observe(t.hops["transcript"])
+            await self._feed(ev.TranscriptIn(now, msg.turn, msg.text, msg.final))
+        elif isinstance(msg, EotDecision):
+            metrics.EOT_COST_MS.observe(msg.cost_ms)
+            await self._feed(ev.EotVerdict(now, msg.turn, msg.prob))
         elif isinstance(msg, TurnMark):
             self._on_mark(msg)
         elif isinstance(msg, JobFailed):
             log.warning("session %s turn %d: %s job failed: %s", self.id, msg.turn, msg.stage, msg.reason)
-            self.sink.send_control({"type": "error", "turn": msg.turn, "stage": msg.stage, "reason": msg.reason})
-            if msg.turn == self.agent_turn or msg.turn == self.turn:
-                self._set_state(TurnState.LISTENING, msg.turn)
+            await self._feed(ev.JobFailedIn(now, msg.turn, msg.stage, msg.reason))
         elif isinstance(msg, Cancelled):
-            self.sink.send_control({"type": "cancelled", "turn": msg.turn, "stage": msg.stage})
+            await self._feed(ev.JobCancelledIn(now, msg.turn, msg.stage))
 
-    # ---------------------------------------------------------------- internals
+    # ---------------------------------------------------------------- applying commands
+    async def _feed(self, event: ev.Event) -> None:
+        """Hand an event to the machine and apply what it decides, Redis work included."""
+        pending = self._apply(self.machine.handle(event))
+        if pending:
+            await self._apply_io(pending)
+
+    def _run(self, event: ev.Event) -> None:
+        """`_feed` for callers that cannot wait (media pacing, data-channel callbacks, timers)."""
+        pending = self._apply(self.machine.handle(event))
+        if pending:
+            self.host.spawn(self._apply_io(pending))
+
+    def _apply(self, commands: list[ev.Command]) -> list[ev.Command]:
+        """Apply what needs no Redis round trip now, in order; return the rest (applied in order after)."""
+        later: list[ev.Command] = []
+        for cmd in commands:
+            if isinstance(cmd, ev.Playout):
+                self._playout(cmd)
+            elif isinstance(cmd, ev.SetPhase):
+                self.sink.send_control({"type": "state", "state": cmd.phase.value, "turn": cmd.turn, "ts": time.time()})
+            elif isinstance(cmd, ev.SendTokens):
+                self.sink.send_tokens(cmd.turn, cmd.seq, cmd.text, cmd.final)
+                t = self._times(cmd.turn)
+                t.tokens.append(cmd.text)
+                if cmd.final:
+                    t.agent_text = "".join(t.tokens).strip()
+            elif isinstance(cmd, ev.Control):
+                self.sink.send_control(cmd.msg)
+            elif isinstance(cmd, ev.Record):
+                self._record(cmd)
+            elif isinstance(cmd, ev.CommitHeard):
+                heard = self._commit_heard(cmd.turn)
+                if heard:
+                    later.append(ev.AppendAgentText(cmd.turn, heard))
+                    self._heard_turns.add(cmd.turn)
+            else:
+                later.append(cmd)
+        return later
+
+    async def _apply_io(self, commands: list[ev.Command]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, ev.SubmitAsr):
+                await self._submit("asr", AsrJob(session=self.id, turn=cmd.turn, start_seq=cmd.start_frame,
+                                                 end_seq=cmd.end_frame))
+            elif isinstance(cmd, ev.ScoreTurn):
+                # Up to the newest frame: the model expects the silence after the words too.
+                end = max(cmd.end_frame, self._seq - 1)
+                start = max(cmd.start_frame - EOT_PRE_SPEECH_FRAMES, end - EOT_WINDOW_FRAMES + 1, 0)
+                await self._submit("eot", EotJob(session=self.id, turn=cmd.turn, start_seq=start, end_seq=end))
+            elif isinstance(cmd, ev.StartReply):
+                entry = encode(ChatMessage(session=self.id, role="user", text=cmd.text, turn=cmd.turn))
+                self._user_entries[cmd.turn] = entry
+                for old in [t for t in self._user_entries if t < cmd.turn - 8]:
+                    del self._user_entries[old]
+                await self.context.append(entry)
+                await self._submit("llm", LlmJob(session=self.id, turn=cmd.turn))
+                await self._submit("tts", TtsJob(session=self.id, turn=cmd.turn))
+            elif isinstance(cmd, ev.CancelTurn):
+                await publish_cancel(self.host.redis, Cancel(session=self.id, turn=cmd.turn, reason=cmd.reason))
+            elif isinstance(cmd, ev.RemoveUserText):
+                entry = self._user_entries.pop(cmd.turn, None)
+                if entry is not None:
+                    await self.context.remove(entry)
+            elif isinstance(cmd, ev.AppendAgentText):
+                interrupted = cmd.turn in self._heard_turns
+                msg = ChatMessage(session=self.id, role="assistant", text=cmd.text, turn=cmd.turn, interrupted=interrupted)
+                await self.context.append(encode(msg))
+
+    def _playout(self, cmd: ev.Playout) -> None:
+        if cmd.op == "hold":
+            self.playout.hold_from = cmd.turn
+        elif cmd.op == "release":
+            self.playout.hold_from = None
+        elif cmd.op == "flush":
+            dropped = self.playout.flush(cmd.turn)
+            if dropped:
+                log.info("session %s: turn %d cancelled, %d frames dropped", self.id, cmd.turn, dropped)
+        elif cmd.op == "pause":
+            self.playout.pause()
+        else:
+            self.playout.resume()
+
+    def _commit_heard(self, turn: int) -> str:
+        """Record what the caller heard of `turn` (cut by a barge-in) and show it to them."""
+        t = self._times(turn)
+        t.interrupted = True
+        t.heard_text = self.playout.heard_text(turn)
+        t.agent_text = t.agent_text or "".join(t.tokens).strip()
+        self.sink.send_control({"type": "heard", "turn": turn, "text": t.heard_text, "full": t.agent_text})
+        return t.heard_text
+
+    def _record(self, cmd: ev.Record) -> None:
+        """Into the session's events (the recording) and the metrics."""
+        publish = self.host.publisher.publish_nowait
+        events = Keys.events(self.id)
+        kind, turn, data = cmd.kind, cmd.turn, cmd.data
+        if kind == "turn_end":
+            t = self._times(turn)
+            t.endpoint_ts = time.time()
+            t.speech_end_ts = self._frame_ts.get(data["end_frame"], t.endpoint_ts)
+            t.endpoint_ms, t.endpoint_by = data["silence_ms"], data["by"]
+            metrics.ENDPOINTING_MS.observe(data["silence_ms"])
+            metrics.TURN_ENDS.labels(data["by"]).inc()
+            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"end_{data['by']}",
+                                     value_ms=data["silence_ms"]))
+        elif kind == "eot":
+            self._times(turn).eot_prob = data["prob"]
+            metrics.EOT_DECISIONS.labels("complete" if data["complete"] else "incomplete").inc()
+            metrics.EOT_PROB.observe(data["prob"])
+        elif kind == "preemptive":
+            metrics.PREEMPTIVE_TURNS.labels(data["outcome"]).inc()
+            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"preemptive_{data['outcome']}"))
+        elif kind == "interrupt":
+            metrics.BARGE_INS.labels(data["source"]).inc()
+            publish(events, Interrupt(session=self.id, source=data["source"], turn=turn))
+            log.info("session %s: %s barge-in on turn %d", self.id, data["source"], turn)
+        elif kind == "false_interruption":
+            metrics.FALSE_INTERRUPTIONS.inc()
+            publish(events, TurnMark(session=self.id, turn=turn, stage="bridge", mark="false_interruption"))
+        elif kind == "merged":
+            metrics.TURNS_MERGED.inc()
+            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark="merged"))
+
+    async def _submit(self, stage: str, job: Any) -> None:
+        try:
+            route = await self.host.router.submit(self.host.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
+        except Exception as exc:  # Redis refused the job: the turn fails as if its job had been dead-lettered
+            failed = JobFailed(session=self.id, turn=job.turn, stage=stage, reason=f"could not queue the job: {exc}")
+            with contextlib.suppress(Exception):  # into the recording, if Redis takes this at least
+                await self.host.publisher.publish(Keys.events(self.id), failed)
+            await self.on_message(failed)
+            return
+        if route.overflowed_from:
+            self._times(job.turn).overflow.append(f"{stage}:{route.overflowed_from}->{route.pool}")
+
+    # ---------------------------------------------------------------- the waterfall
     def _times(self, turn: int) -> TurnTimes:
         t = self.times.get(turn)
         if t is None:
@@ -332,83 +377,6 @@ class CallSession:
             for old in [k for k in self.times if k < turn - 20]:
                 del self.times[old]
         return t
-
-    def _set_state(self, state: TurnState, turn: int) -> None:
-        if state != self.state:
-            self.state = state
-            self.sink.send_control({"type": "state", "state": state.value, "turn": turn, "ts": time.time()})
-
-    async def _submit(self, stage: str, job: Any) -> None:
-        try:
-            route = await self.bridge.router.submit(self.bridge.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
-        except Exception as exc:  # Redis refused the job: the turn fails as if its job had been dead-lettered
-            failed = JobFailed(session=self.id, turn=job.turn, stage=stage, reason=f"could not queue the job: {exc}")
-            with contextlib.suppress(Exception):  # into the recording, if Redis takes this at least
-                await self.bridge.publisher.publish(Keys.events(self.id), failed)
-            await self.on_message(failed)
-            return
-        if route.overflowed_from:
-            self._times(job.turn).overflow.append(f"{stage}:{route.overflowed_from}->{route.pool}")
-
-    async def _on_transcript(self, msg: Transcript) -> None:
-        if not msg.final:
-            self.sink.send_control({"type": "transcript", "role": "user", "final": False, "text": msg.text, "turn": msg.turn})
-            return
-        spec = self._spec
-        if spec is not None and msg.turn == spec.turn:
-            await self._on_speculative_transcript(spec, msg)
-            return
-        t = self._times(msg.turn)
-        if not t.transcript_ts:
-            t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
-            t.hops["transcript"] = max(0.0, (t.transcript_ts - msg.ts) * 1000)
-            metrics.BUS_HOP_MS.labels("transcript").observe(t.hops["transcript"])
-        self.sink.send_control({"type": "transcript", "role": "user", "final": True, "text": msg.text, "turn": msg.turn})
-        if not msg.text.strip():
-            if msg.turn == self.turn and self.state == TurnState.THINKING and self._pending_barge is None:
-                self._set_state(TurnState.LISTENING, msg.turn)
-            return
-        if self._pending_barge is not None and msg.turn > self._pending_barge[0]:
-            self._confirm_barge_in()
-        if msg.turn < self.turn:
-            return  # the caller already spoke again; the newer utterance gets the reply
-        if self.agent_turn == msg.turn:
-            return  # generation already started (a confirmed speculative turn)
-        await self._start_generation(msg)
-        if self.state in (TurnState.LISTENING, TurnState.THINKING):
-            self._set_state(TurnState.THINKING, msg.turn)
-
-    async def _start_generation(self, msg: Transcript) -> bytes:
-        entry = encode(ChatMessage(session=self.id, role="user", text=msg.text, turn=msg.turn))
-        await self.context.append(entry)
-        self.agent_turn = msg.turn
-        await self._submit("llm", LlmJob(session=self.id, turn=msg.turn))
-        await self._submit("tts", TtsJob(session=self.id, turn=msg.turn))
-        return entry
-
-    async def _on_speculative_transcript(self, spec: SpeculativeTurn, msg: Transcript) -> None:
-        """Record it, and start the reply at once: its audio stays held until the turn is confirmed."""
-        spec.transcript = msg
-        t = self._times(msg.turn)
-        t.user_text, t.asr_ms, t.transcript_ts = msg.text, msg.asr_ms, time.time()
-        t.hops["transcript"] = max(0.0, (t.transcript_ts - msg.ts) * 1000)
-        if msg.text.strip() and not spec.generating:
-            spec.generating = True
-            spec.ctx_entry = await self._start_generation(msg)
-
-    def _on_token(self, msg: TokenChunk) -> None:
-        if msg.turn != self.agent_turn or msg.turn < self.playout.min_turn:
-            return
-        if self._spec is not None and msg.turn == self._spec.turn:
-            self._spec.held_tokens.append(msg)  # the caller sees them once the turn is confirmed
-            return
-        if msg.seq < self._token_seq.get(msg.turn, 0):
-            return  # duplicate
-        self._token_seq[msg.turn] = msg.seq + 1
-        self._agent_tokens.setdefault(msg.turn, []).append(msg.text)
-        self.sink.send_tokens(msg.turn, msg.seq, msg.text, msg.final)
-        if msg.final:
-            self._times(msg.turn).agent_text = "".join(self._agent_tokens.get(msg.turn, [])).strip()
 
     def _on_mark(self, msg: TurnMark) -> None:
         t = self._times(msg.turn)
@@ -421,52 +389,6 @@ class CallSession:
         elif msg.mark in ("queue_wait", "token_hop") and msg.stage in ("asr", "llm", "tts"):
             if msg.mark == "token_hop" or msg.stage != "tts":  # the TTS job waits for tokens off the critical path
                 t.hops[f"{msg.stage}_{msg.mark}"] = msg.value_ms
-
-    def _barge_in(self, source: str, hard: bool) -> None:
-        turn = self.agent_turn if self.agent_turn >= 0 else self.turn
-        metrics.BARGE_INS.labels(source).inc()
-        self.bridge.publisher.publish_nowait(Keys.events(self.id), Interrupt(session=self.id, source=source, turn=turn))  # type: ignore[arg-type]
-        if hard:
-            dropped = self.playout.flush(turn)
-            self._write_heard(turn)
-            self._pending_barge = None
-            log.info("session %s: %s interrupt, turn %d cancelled, %d frames dropped", self.id, source, turn, dropped)
-        else:
-            self.playout.pause()
-            self._pending_barge = (turn, time.time() + self.cfg.false_interrupt_timeout_ms / 1000)
-        self.bridge.spawn(publish_cancel(self.bridge.redis, Cancel(session=self.id, turn=turn, reason=f"barge-in ({source})")))
-        self.sink.send_control({"type": "interrupted", "turn": turn, "source": source, "ts": time.time()})
-        self._set_state(TurnState.USER_SPEAKING if source == "vad" else TurnState.LISTENING, turn)
-
-    def _confirm_barge_in(self) -> None:
-        assert self._pending_barge is not None
-        turn, _ = self._pending_barge
-        self._pending_barge = None
-        self.playout.flush(turn)
-        self.playout.resume()
-        self._write_heard(turn)
-
-    def _write_heard(self, turn: int) -> None:
-        """The assistant turn in the context becomes what the caller actually heard."""
-        t = self._times(turn)
-        if t.interrupted:
-            return
-        t.interrupted = True
-        t.heard_text = self.playout.heard_text(turn)
-        t.agent_text = t.agent_text or "".join(self._agent_tokens.get(turn, [])).strip()
-        if t.heard_text:
-            msg = ChatMessage(session=self.id, role="assistant", text=t.heard_text, turn=turn, interrupted=True)
-            self.bridge.spawn(self.context.append(encode(msg)))
-
-    def _finish_agent_turn(self, turn: int) -> None:
-        t = self._times(turn)
-        t.agent_text = t.agent_text or "".join(self._agent_tokens.get(turn, [])).strip()
-        if not t.interrupted and t.agent_text:
-            msg = ChatMessage(session=self.id, role="assistant", text=t.agent_text, turn=turn)
-            self.bridge.spawn(self.context.append(encode(msg)))
-        self._send_waterfall(t)
-        if self.state == TurnState.AGENT_SPEAKING and self._pending_barge is None:
-            self._set_state(TurnState.LISTENING, turn)
 
     def _send_waterfall(self, t: TurnTimes) -> None:
         self.sink.send_control({"type": "turn_metrics", **t.waterfall()})

@@ -1,4 +1,4 @@
-"""The local stack behind `voxbus up` and `voxbus demo`: Redis, one worker per stage, the bridge.
+"""The local stack behind `voxbus up` and `voxbus demo`: Redis, one worker per pool, the bridge.
 
 Workers run as child processes (model inference then uses every core, and a
 worker crash cannot take the bridge down); the bridge runs in this process.
@@ -18,8 +18,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from shared.config import STAGES, Config, load_config
+from shared.config import ALL_STAGES, STAGES, Config, PoolConfig, load_config
 from shared.embedded_redis import redis_url_or_embedded
+from shared.exits import describe_exit
 from shared.redis_conn import connect, redact_url
 
 log = logging.getLogger("voxbus.stack")
@@ -50,15 +51,34 @@ def status(component: str, state: str, detail: str = "") -> None:
     print(f"voxbus: {component:<10} {state:<8} {detail}", file=sys.stderr, flush=True)
 
 
-async def start_workers(redis_url: str, config: Config, pools_file: str | None, *,
-                        verbose: bool = False, timeout_s: float = 600.0) -> list[WorkerProcess]:
-    """One worker process per stage's default pool; returns once all are registered."""
+def pools_to_start(config: Config, only: list[str] | None = None, *, check: bool = True) -> list[PoolConfig]:
+    """Every pool of the file (or those named in `only`), pipeline order; each stage in use needs one."""
+    if only:
+        unknown = [name for name in only if name not in config.pools]
+        if unknown:
+            raise StackError(f"--only names pools that are not in {config.source}: {', '.join(unknown)} "
+                             f"(have: {', '.join(sorted(config.pools))})")
+        pools = [config.pools[name] for name in only]
+    else:
+        pools = list(config.pools.values())
+    pools.sort(key=lambda p: ALL_STAGES.index(p.stage))
+    served = {p.stage for p in pools}
+    needed = [s for s in STAGES if s not in served] + (["eot"] if config.bridge.eot != "none" and "eot" not in served else [])
+    if needed and check:
+        raise StackError(f"no pool is started for stage(s) {', '.join(needed)}: add one to --only")
+    return pools
+
+
+async def start_workers(redis_url: str, config: Config, pools_file: str | None, *, only: list[str] | None = None,
+                        verbose: bool = False, timeout_s: float = 600.0, check: bool = True) -> list[WorkerProcess]:
+    """One worker process per pool of the file (or of `only`); returns once all are registered.
+    `check`: refuse a selection that leaves a stage the bridge needs without a pool."""
     from workers import registry
 
     procs: list[WorkerProcess] = []
     env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
-    for stage in STAGES:
-        pool = config.default_pool(stage)
+    for pool in pools_to_start(config, only, check=check):
+        stage = pool.stage
         args = [sys.executable, "-m", "shared.cli", "worker", "--pool", pool.name]
         if pools_file:
             args += ["--pools", str(pools_file)]
@@ -67,7 +87,7 @@ async def start_workers(redis_url: str, config: Config, pools_file: str | None, 
         wp = WorkerProcess(pool.name, stage, proc)
         asyncio.create_task(wp.pump(verbose))
         procs.append(wp)
-        status(f"{stage}", "starting", f"pool {pool.name}: {pool.engine} {pool.options.get('model', '')}")
+        status(f"{stage}", "starting", f"pool {pool.name} ({pool.gpu_type}): {pool.engine} {pool.options.get('model', '')}")
     redis = connect(redis_url)
     deadline = time.monotonic() + timeout_s
     try:
@@ -76,11 +96,14 @@ async def start_workers(redis_url: str, config: Config, pools_file: str | None, 
                 if p.ready_at is not None:
                     continue
                 if p.proc.returncode is not None:
+                    await asyncio.sleep(0.2)  # the pump may still hold the last lines (a fault handler's traceback)
                     tail = "\n    ".join(list(p.output)[-12:])
+                    advice = ("" if p.proc.returncode < 0 else
+                              "Check the pool's engine options in the pools file, that the model packages are installed "
+                              f"(./ops/dev setup), and run `voxbus worker --pool {p.pool}` alone to see the full error.")
                     raise StackError(
-                        f"the {p.stage} worker (pool {p.pool}) exited with code {p.proc.returncode} while starting:\n    {tail}\n"
-                        f"Check the pool's engine options in the pools file, that the model packages are installed "
-                        f"(./ops/dev setup), and run `voxbus worker --pool {p.pool}` alone to see the full error.")
+                        f"the {p.stage} worker (pool {p.pool}) {describe_exit(p.proc.returncode)} while starting:\n"
+                        f"    {tail}\n{advice}".rstrip())
                 if await registry.live_worker_ids(redis, p.pool, 5.0):
                     p.ready_at = time.monotonic()
                     status(p.stage, "ready", f"pool {p.pool} (pid {p.proc.pid})")
@@ -123,15 +146,16 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def local_stack(pools_file: str | None = None, redis_url: str | None = None, *, host: str = "127.0.0.1",
-                      port: int = 0, token: str | None = None, verbose: bool = False) -> AsyncIterator[Stack]:
-    """Redis (embedded unless given) + one worker per stage + the bridge with the direct WebRTC transport."""
+                      port: int = 0, token: str | None = None, verbose: bool = False,
+                      only: list[str] | None = None) -> AsyncIterator[Stack]:
+    """Redis (embedded unless given) + one worker per pool + the bridge with the direct WebRTC transport."""
     from bridge.core import Bridge
     from bridge.transports.webrtc import WebRtcTransport
 
     config = load_config(pools_file)
     async with redis_url_or_embedded(redis_url) as url:
         status("redis", "ready", redact_url(url))
-        workers = await start_workers(url, config, pools_file, verbose=verbose)
+        workers = await start_workers(url, config, pools_file, only=only, verbose=verbose)
         bridge = Bridge(url, config)
         transport = None
         try:

@@ -14,16 +14,26 @@ from typing import Any, Literal
 
 import msgspec
 
-from .protocol import ProtocolError, validate_pool_name
+from .protocol import ProtocolError, Stage, validate_pool_name
 
-Stage = Literal["asr", "llm", "tts"]
-STAGES: tuple[Stage, ...] = ("asr", "llm", "tts")
+STAGES: tuple[Stage, ...] = ("asr", "llm", "tts")  # every call needs these
+ALL_STAGES: tuple[Stage, ...] = (*STAGES, "eot")  # "eot": the end-of-turn model, when the bridge uses one
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "ops" / "pools"
 DEFAULT_POOLS_FILE = EXAMPLES_DIR / "cpu.toml"
 
 
 class ConfigError(ValueError):
     """A configuration file or variable that is missing or invalid."""
+
+
+class ReplyBudget(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How long a spoken reply may get (LLM pools). Spoken answers are short: past `soft_tokens`
+    the reply ends at the next sentence end, and never runs past `max_sentences` sentences or
+    `max_tokens` tokens (a job may ask for fewer)."""
+
+    soft_tokens: int = 48
+    max_sentences: int = 3
+    max_tokens: int = 160
 
 
 class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +49,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     overflow_lag: int | None = None
     overflow_wait_ms: float | None = None
     labels: dict[str, str] = {}
+    reply: ReplyBudget = msgspec.field(default_factory=ReplyBudget)  # LLM pools only
     name: str = ""  # filled from the table key
 
 
@@ -58,10 +69,20 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # the turn; the reply is held until then and dropped if the caller goes on speaking. 0: off.
     preemptive_pause_ms: int = 100
     speech_pad_ms: int = 60
+    # An utterance this long without a pause ends the turn anyway (a monologue of up to this stays one turn).
+    max_utterance_ms: int = 120_000
     barge_in_min_speech_ms: int = 200
-    barge_in_min_speech_thinking_ms: int = 300
     false_interrupt_timeout_ms: int = 1500
-    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
+    # End of turn: "none" ends a turn after min_silence_ms of silence (VAD only); "model" sends the
+    # utterance at each preemptive pause to the default "eot" pool (an end-of-turn model) and ends
+    # the turn when the probability that the caller has finished is >= eot_threshold (after at
+    # least min_endpoint_ms of silence), else after max_endpoint_ms of silence. README "End of turn".
+    eot: Literal["none", "model"] = "none"
+    eot_threshold: float = 0.5
+    min_endpoint_ms: int = 0
+    max_endpoint_ms: int = 2500
+    system_prompt: str = ("You are a helpful voice assistant on a phone call. Answer in one or two short spoken "
+                          "sentences. No lists, no markdown, no emojis.")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -75,6 +96,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return self.pools[name]
         except KeyError:
             raise ConfigError(f"{self.source}: no pool named {name!r} (have: {', '.join(sorted(self.pools))})") from None
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages this file has pools for, in pipeline order."""
+        have = {p.stage for p in self.pools.values()}
+        return tuple(s for s in ALL_STAGES if s in have)
 
     def default_pool(self, stage: Stage) -> PoolConfig:
         if stage in self.defaults:
@@ -96,7 +123,7 @@ def _validation_error(source: str, prefix: str, exc: msgspec.ValidationError) ->
     path = match.group(1).lstrip(".") if match else ""
     key = ".".join(part for part in (prefix, path) if part)
     if "Invalid enum value" in what and (key.endswith(".stage") or key == "defaults"):
-        what += f" (expected one of {', '.join(STAGES)})"
+        what += f" (expected one of {', '.join(ALL_STAGES)})"
     return ConfigError(f"{source}: {key}: {what}" if key else f"{source}: {what}")
 
 
@@ -124,6 +151,10 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
         pool.name = name
         if pool.slots < 1:
             raise ConfigError(f"{where}.slots: expected an integer >= 1, got {pool.slots}")
+        r = pool.reply
+        if not 1 <= r.soft_tokens <= r.max_tokens or r.max_sentences < 1:
+            raise ConfigError(f"{where}.reply: expected 1 <= soft_tokens <= max_tokens and max_sentences >= 1, "
+                              f"got {r.soft_tokens}, {r.max_tokens}, {r.max_sentences}")
         if pool.max_deliveries < 1:
             raise ConfigError(f"{where}.max_deliveries: expected an integer >= 1, got {pool.max_deliveries}")
         if pool.fallback is not None:
@@ -132,6 +163,17 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
                 raise ConfigError(f"{where}.fallback: no pool named {pool.fallback!r}")
             if other.stage != pool.stage:
                 raise ConfigError(f"{where}.fallback: pool {pool.fallback!r} serves {other.stage!r}, expected {pool.stage!r}")
+    b = cfg.bridge
+    if b.eot != "none":
+        if not 0.0 < b.eot_threshold < 1.0:
+            raise ConfigError(f"{source}: bridge.eot_threshold: expected a probability in (0, 1), got {b.eot_threshold}")
+        if not 0 < b.preemptive_pause_ms < b.max_endpoint_ms:
+            raise ConfigError(f"{source}: bridge.preemptive_pause_ms: the end-of-turn model scores the caller at this "
+                              f"pause, so it must be > 0 and < max_endpoint_ms ({b.max_endpoint_ms}), got {b.preemptive_pause_ms}")
+        if not any(p.stage == "eot" for p in cfg.pools.values()):
+            raise ConfigError(f'{source}: bridge.eot = "model" needs a pool with stage = "eot" (e.g. engine "smart-turn")')
+        if b.min_endpoint_ms > b.max_endpoint_ms:
+            raise ConfigError(f"{source}: bridge.min_endpoint_ms ({b.min_endpoint_ms}) exceeds max_endpoint_ms ({b.max_endpoint_ms})")
     for stage, name in cfg.defaults.items():
         pool = cfg.pools.get(name)
         if pool is None:

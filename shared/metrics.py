@@ -41,6 +41,14 @@ BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
 FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
 CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
+TURNS_MERGED = Counter("voxbus_turns_merged_total",
+                       "Turns whose reply was dropped because the caller went on before hearing it")
+EOT_DECISIONS = Counter("voxbus_eot_decisions_total", "End-of-turn model verdicts at pauses", ["verdict"])
+EOT_PROB = Histogram("voxbus_eot_probability", "End-of-turn model probability that the caller has finished",
+                     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+EOT_COST_MS = Histogram("voxbus_eot_cost_ms", "End-of-turn model: pause -> verdict, batch wait included",
+                        buckets=LATENCY_BUCKETS_MS)
+TURN_ENDS = Counter("voxbus_turn_ends_total", "Turn ends by what decided them (vad timeout or model)", ["by"])
 PREEMPTIVE_TURNS = Counter("voxbus_preemptive_turns_total", "Turns started before the end of speech was certain",
                            ["outcome"])
 
@@ -63,7 +71,8 @@ BARGE_IN_STOP_MS = Histogram(
     ["pool", "stage", "gpu_type"], buckets=LATENCY_BUCKETS_MS,
 )
 ENDPOINTING_MS = Histogram(
-    "voxbus_endpointing_ms", "Last voiced frame of the caller -> the VAD ending the turn", buckets=LATENCY_BUCKETS_MS
+    "voxbus_endpointing_ms", "Last voiced frame of the caller -> the turn's end decided (VAD timeout or model)",
+    buckets=LATENCY_BUCKETS_MS,
 )
 VOICE_TO_VOICE_MS = Histogram(
     "voxbus_voice_to_voice_ms", "Last voiced frame of the caller -> first agent audio frame sent", buckets=VOICE_BUCKETS_MS

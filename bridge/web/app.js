@@ -3,7 +3,7 @@
 // The page creates both data channels before its offer (the bridge binds to
 // them by label): `llm_tokens` (unordered, no retransmits) brings token deltas
 // {t: turn, s: seq, d: text, f: final}; `control` (reliable) brings session
-// metadata (state, transcript, turn_metrics, interrupted, error) and takes
+// metadata (state, transcript, turn_metrics, interrupted, heard, busy, error) and takes
 // {"type": "interrupt"}. window.voxbus exposes counters for tests.
 "use strict";
 
@@ -16,7 +16,7 @@ const BARGE_IN_TICKS = 10; // 200 ms of it while the agent speaks sends an inter
 const vb = (window.voxbus = {
   state: "idle", sessionId: null, connected: false,
   agentAudioTicks: 0, agentPeak: 0, micPeak: 0,
-  userTranscripts: [], agentText: {}, tokenMessages: 0,
+  userTranscripts: [], agentText: {}, heardText: {}, unheardText: {}, tokenMessages: 0,
   interruptsSent: 0, interruptedTurns: [], metrics: [], errors: [],
 });
 
@@ -51,8 +51,26 @@ function turnEntry(turn) {
 function renderAgent(turn) {
   const t = turnEntry(turn);
   const text = t.finalText ?? t.tokens.filter((d) => d !== undefined).join("");
-  t.agent.textContent = text;
   vb.agentText[turn] = text;
+  if (t.heard === undefined) {
+    t.agent.textContent = text;
+    return;
+  }
+  // Cut by a barge-in: what the caller heard (what the agent's context now holds), then the rest, set apart.
+  const full = (t.full || text).trim();
+  const heard = t.heard.trim();
+  const words = full.split(/\s+/), heardWords = heard ? heard.split(/\s+/) : [];
+  const rest = words.slice(heardWords.length).join(" ");
+  const said = document.createElement("span");
+  said.className = "heard";
+  said.textContent = heard;
+  const unheard = document.createElement("span");
+  unheard.className = "unheard";
+  unheard.textContent = rest ? (heard ? " " : "") + rest : "";
+  unheard.title = "generated but not heard: cut by the barge-in (not in the agent's memory)";
+  t.agent.replaceChildren(said, unheard);
+  vb.heardText[turn] = heard;
+  vb.unheardText[turn] = rest;
 }
 
 function onTokens(raw) {
@@ -94,6 +112,17 @@ function onControl(raw) {
     case "interrupted":
       vb.interruptedTurns.push(m.turn);
       turnEntry(m.turn).agent.classList.add("interrupted");
+      break;
+    case "heard": {
+      const t = turnEntry(m.turn);
+      t.heard = String(m.text ?? "");
+      t.full = String(m.full ?? "");
+      renderAgent(m.turn);
+      break;
+    }
+    case "busy":
+      vb.errors.push(m);
+      status(`the agent is busy (${m.stage}): ${m.reason}`);
       break;
     case "error":
       vb.errors.push(m);

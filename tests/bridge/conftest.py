@@ -73,7 +73,7 @@ def start_workers(redis_url: str, workdir: Path) -> WorkerSet:
     pools_file.write_text(renamed_cpu_pools_toml(suffix))
     ws = WorkerSet(pools_file, {})
     cfg = ws.config()
-    ws.pools = {stage: cfg.default_pool(stage).name for stage in ("asr", "llm", "tts")}
+    ws.pools = {stage: cfg.default_pool(stage).name for stage in cfg.stages}
     env = {**os.environ, "REDIS_URL": redis_url, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for pool in ws.pools.values():
         log = workdir / f"{pool}.log"

@@ -6,6 +6,7 @@ the bridge and the worker processes are the ones tests/bridge uses.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sys
@@ -114,3 +115,35 @@ async def test_page_completes_a_turn(stack: Any, tmp_path: Path) -> None:
     assert vb["tokenMessages"] > 0 and bars >= 5
     assert not [e for e in vb["errors"]], vb["errors"]
     assert not [line for line in console if line.startswith("pageerror")], console
+
+
+async def test_page_sets_apart_what_a_barge_in_cut(stack: Any, tmp_path: Path) -> None:
+    """Stop pressed while the agent speaks: the page shows what was heard, the unheard rest set apart,
+    and what was heard is exactly the assistant turn the agent's context now holds."""
+    from playwright.async_api import async_playwright
+
+    from shared.protocol import ChatMessage, decode_as
+
+    bridge, transport = stack
+    wav = tmp_path / "question.wav"
+    write_wav(wav, pad_silence(synthesize_16k("Tell me about the history of Paris."), 1.5, 20.0))
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=chromium_flags(wav))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{transport.url}?token={helpers.TOKEN}")
+            await page.click("#call")
+            await page.wait_for_function("window.voxbus.agentAudioTicks >= 30", timeout=90_000)
+            await page.click("#stop")
+            await page.wait_for_function("Object.keys(window.voxbus.heardText).length > 0", timeout=20_000)
+            vb = await page.evaluate("window.voxbus")
+            unheard_shown = await page.locator("#conversation .agent .unheard").first.inner_text()
+            await asyncio.sleep(0.5)  # the context write follows the flush
+            said = [decode_as(e, ChatMessage) for e in bridge.sessions[vb["sessionId"]].context.entries]
+        finally:
+            await browser.close()
+    turn, heard = next(iter(vb["heardText"].items()))
+    cut = [m for m in said if m.role == "assistant" and m.turn == int(turn)]
+    assert heard.strip(), vb
+    assert cut and cut[-1].interrupted and cut[-1].text == heard.strip(), (said, heard)
+    assert vb["unheardText"][turn] and vb["unheardText"][turn] in unheard_shown, vb

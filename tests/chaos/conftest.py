@@ -57,7 +57,7 @@ from bridge import caller
 from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
-from shared.config import STAGES, Config, parse_config
+from shared.config import Config, parse_config
 from shared.embedded_redis import EmbeddedRedis, free_port
 from pools_toml import renamed_cpu_pools_toml
 from prom_samples import sample_sum
@@ -203,7 +203,7 @@ class ChaosCluster:
         return self.live(stage)
 
     def ensure_all(self, n: int) -> None:
-        started = [self._spawn(stage) for stage in STAGES for _ in range(n - len(self.live(stage)))]
+        started = [self._spawn(stage) for stage in self.pools for _ in range(n - len(self.live(stage)))]
         if started:
             self._wait_registered(started)
 
@@ -276,7 +276,7 @@ def chaos_cluster() -> Iterator[ChaosCluster]:
     pools_file = workdir / "pools.toml"
     pools_file.write_text(renamed_cpu_pools_toml("c" + uuid.uuid4().hex[:6]))
     cfg = parse_config(tomllib.loads(pools_file.read_text()), str(pools_file))
-    cluster = ChaosCluster(server, workdir, pools_file, {stage: cfg.default_pool(stage).name for stage in STAGES})
+    cluster = ChaosCluster(server, workdir, pools_file, {stage: cfg.default_pool(stage).name for stage in cfg.stages})
     try:
         cluster.ensure_all(1)
         yield cluster

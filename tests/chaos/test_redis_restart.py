@@ -47,7 +47,6 @@ from chaos_conftest import (
 from prom_samples import local_counter
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
-from shared.config import STAGES
 from shared.protocol import ChatMessage, Keys, decode_as
 from shared.redis_conn import connect
 from shared.wer import wer
@@ -68,7 +67,7 @@ async def stack(chaos_cluster: ChaosCluster) -> AsyncIterator[tuple[Bridge, WebR
 
 
 def expected_components(cluster: ChaosCluster, workers: list[WorkerProc]) -> list[str]:
-    return ([f"registry {w.worker_id}" for w in workers] + [f"group {cluster.pools[s]}" for s in STAGES]
+    return ([f"registry {w.worker_id}" for w in workers] + [f"group {cluster.pools[s]}" for s in cluster.pools]
             + ["cancel subscriptions", "bridge publishes", "bridge reads"])
 
 
@@ -85,7 +84,7 @@ async def measure_reconnects(redis: aioredis.Redis, cluster: ChaosCluster, sid: 
         for w in workers:
             if f"registry {w.worker_id}" not in seen and await redis.zscore(Keys.pool_workers(w.pool), w.worker_id):
                 seen[f"registry {w.worker_id}"] = now
-        for stage in STAGES:
+        for stage in cluster.pools:
             pool = cluster.pools[stage]
             if f"group {pool}" not in seen and await redis.exists(Keys.pool_jobs(pool)):
                 groups = await redis.xinfo_groups(Keys.pool_jobs(pool))

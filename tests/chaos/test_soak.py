@@ -59,7 +59,6 @@ from bridge.core import Bridge
 from bridge.session import CallSession, TurnState
 from bridge.transports.webrtc import WebRtcTransport
 from shared import protocol
-from shared.config import STAGES
 from shared.protocol import FRAME_SAMPLES, Keys, maxlen_for
 from shared.redis_conn import connect
 
@@ -236,7 +235,7 @@ class Soak:
 
 async def test_soak_memory_flat_and_streams_bounded(chaos_cluster: ChaosCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster = chaos_cluster
-    await asyncio.gather(*(asyncio.to_thread(cluster.ensure, stage, WORKERS) for stage in STAGES))
+    await asyncio.gather(*(asyncio.to_thread(cluster.ensure, stage, WORKERS) for stage in cluster.pools))
     monkeypatch.setitem(protocol.STREAM_MAXLEN, "audio.in", AUDIO_IN_MAXLEN)  # read at every publish
     questions = [await asyncio.to_thread(question_audio, q) for q in QUESTIONS]
     if TRACEMALLOC:

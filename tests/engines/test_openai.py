@@ -1,4 +1,4 @@
-"""OpenAI-compatible client against a REAL llama.cpp server (`python -m llama_cpp.server`) on the bundled SmolLM2.
+"""OpenAI-compatible client against a REAL llama.cpp server (`python -m workers.llm.llama_server`, i.e. llama_cpp.server) on the bundled SmolLM2.
 
 The server is started once per module on a free port, with an API key, and
 killed at the end. Its log shows when it noticed a client going away.
@@ -56,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", resolve("bundled:smollm2-135m-instruct"),
+        sys.executable, "-m", "workers.llm.llama_server", "--model", resolve("bundled:smollm2-135m-instruct"),
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--api_key", API_KEY,
         "--verbose", "False",
     ]

@@ -36,6 +36,7 @@ import numpy as np
 from shared.cancel import CancelWatch
 from shared.models import resolve
 from shared.protocol import ChatMessage
+from workers.llm.ggml_cpu import load_cpu_backend
 from workers.llm.prompt import ChatDict, to_chat
 from workers.llm.streaming import END, DeltaStream
 
@@ -67,6 +68,7 @@ class LlamaCppLlm:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         temperature: float = 0.0,
+        repeat_penalty: float = 1.15,
         seed: int = 0,
         system_prompt: str | None = None,
         chat_format: str | None = None,
@@ -80,6 +82,9 @@ class LlamaCppLlm:
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.temperature = temperature
+        # > 1 penalises tokens seen in the last 64: greedy decoding of a small model loops without it.
+        # Deterministic (no sampling), so a re-run job still reproduces its tokens.
+        self.repeat_penalty = repeat_penalty
         self.seed = seed
         self.system_prompt = system_prompt
         self.chat_format = chat_format
@@ -97,6 +102,7 @@ class LlamaCppLlm:
         await asyncio.to_thread(self._load_blocking)
 
     def _load_blocking(self) -> None:
+        load_cpu_backend()
         Llama = _aligned_llama_class()
         path = resolve(self.model)
         t0 = time.perf_counter()
@@ -210,7 +216,8 @@ class LlamaCppLlm:
         t0 = time.perf_counter()
         first = 0.0
         chunks = llm.create_chat_completion(
-            chat, stream=True, temperature=self.temperature, seed=self.seed, max_tokens=max_tokens
+            chat, stream=True, temperature=self.temperature, seed=self.seed, max_tokens=max_tokens,
+            repeat_penalty=self.repeat_penalty,
         )
         try:
             # The check sits before each next(): next() is what decodes a token.

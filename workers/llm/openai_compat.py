@@ -71,6 +71,7 @@ class OpenAiLlm:
         model: str,
         api_key_env: str = "OPENAI_API_KEY",
         temperature: float = 0.0,
+        frequency_penalty: float = 0.3,
         timeout_s: float = 30,
         system_prompt: str | None = None,
         extra_body: dict[str, Any] | None = None,
@@ -79,6 +80,8 @@ class OpenAiLlm:
         self.model = model
         self.api_key_env = api_key_env
         self.temperature = temperature
+        # OpenAI's repetition control (-2..2): > 0 discourages tokens by how often they already appeared.
+        self.frequency_penalty = frequency_penalty
         self.timeout_s = timeout_s
         self.system_prompt = system_prompt
         self.extra_body = dict(extra_body or {})
@@ -114,6 +117,7 @@ class OpenAiLlm:
             "messages": to_chat(messages, self.system_prompt),
             "stream": True,
             "temperature": self.temperature,
+            "frequency_penalty": self.frequency_penalty,
             "max_tokens": max_tokens,
             **self.extra_body,
         }

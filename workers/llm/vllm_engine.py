@@ -37,6 +37,7 @@ class PlainSamplingParams:
 
     temperature: float
     max_tokens: int
+    repetition_penalty: float = 1.0
     output_kind: str = "delta"
 
 
@@ -53,6 +54,7 @@ class VllmLlm:
         max_model_len: int | None = None,
         dtype: str = "auto",
         temperature: float = 0.0,
+        repetition_penalty: float = 1.1,
         system_prompt: str | None = None,
         engine: Any = None,
     ) -> None:
@@ -66,6 +68,7 @@ class VllmLlm:
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.temperature = temperature
+        self.repetition_penalty = repetition_penalty  # > 1 discourages repeats: greedy decoding loops without it
         self.system_prompt = system_prompt
         self.engine = engine
         self._owns_engine = engine is None
@@ -133,13 +136,14 @@ class VllmLlm:
         except ImportError:
             if self._owns_engine:
                 raise
-            return PlainSamplingParams(self.temperature, max_tokens), True
+            return PlainSamplingParams(self.temperature, max_tokens, self.repetition_penalty), True
         try:
             from vllm.sampling_params import RequestOutputKind
         except ImportError:
-            return SamplingParams(temperature=self.temperature, max_tokens=max_tokens), False
+            return SamplingParams(temperature=self.temperature, max_tokens=max_tokens,
+                                  repetition_penalty=self.repetition_penalty), False
         return SamplingParams(temperature=self.temperature, max_tokens=max_tokens,
-                              output_kind=RequestOutputKind.DELTA), True
+                              repetition_penalty=self.repetition_penalty, output_kind=RequestOutputKind.DELTA), True
 
     def stream(
         self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None

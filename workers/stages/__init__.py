@@ -23,6 +23,7 @@ HANDLERS: dict[str, str] = {
     "asr": "workers.stages.asr:AsrStage",
     "llm": "workers.stages.llm:LlmStage",
     "tts": "workers.stages.tts:TtsStage",
+    "eot": "workers.stages.eot:EotStage",
 }
 
 

@@ -13,19 +13,11 @@ import time
 
 import numpy as np
 
-from shared import metrics
 from shared.cancel import CancelWatch
-from shared.protocol import (
-    AsrJob,
-    AudioFrame,
-    Keys,
-    ProtocolError,
-    Transcript,
-    decode_entry,
-    frame_entry_id,
-)
+from shared.protocol import AsrJob, Keys, Transcript
 from workers import asr as asr_engines
 from workers.stages import Outcome, StageContext
+from workers.stages.frames import read_frames
 
 log = logging.getLogger("voxbus.stage.asr")
 
@@ -46,31 +38,7 @@ class AsrStage:
 
     async def read_audio(self, job: AsrJob) -> np.ndarray:
         """The job's frames as float32 samples; missing frames (trimmed, lost) become silence."""
-        entries = await self.ctx.redis.xrange(
-            Keys.audio_in(job.session), frame_entry_id(job.start_seq), frame_entry_id(job.end_seq)
-        )
-        expected = job.end_seq - job.start_seq + 1
-        pcm = bytearray()
-        got = 0
-        next_seq = job.start_seq
-        for _, fields in entries:
-            try:
-                frame = decode_entry(fields)
-            except ProtocolError as exc:
-                metrics.BUS_REJECTED.labels("audio.in", "malformed").inc()
-                log.warning("skipping malformed frame in %s: %s", job.session, exc)
-                continue
-            if not isinstance(frame, AudioFrame) or frame.session != job.session:
-                metrics.BUS_REJECTED.labels("audio.in", "unexpected").inc()
-                continue
-            if frame.seq > next_seq:  # a gap: keep timing by inserting silence
-                pcm += bytes(len(frame.pcm) * (frame.seq - next_seq))
-            pcm += frame.pcm
-            next_seq = frame.seq + 1
-            got += 1
-        if got < expected:
-            log.warning("session %s turn %d: %d of %d frames present", job.session, job.turn, got, expected)
-        return np.frombuffer(bytes(pcm), dtype=np.int16).astype(np.float32) / 32768.0
+        return await read_frames(self.ctx.redis, job.session, job.start_seq, job.end_seq, turn=job.turn)
 
     async def _transcribe(self, audio: np.ndarray, language: str | None) -> asr_engines.AsrResult:
         fut: asyncio.Future[asr_engines.AsrResult] = asyncio.get_running_loop().create_future()

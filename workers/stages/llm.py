@@ -1,7 +1,9 @@
 """LLM stage: build the turn's context from Redis and stream tokens as they decode.
 
 Every delta goes to the session's token stream at once (no waiting for
-sentences), with explicit (turn, seq) ids: a job re-run after a worker died
+sentences; only a possible sentence end waits for the next character), within
+the pool's spoken-reply budget (`workers.llm.budget`: past `soft_tokens` the
+reply ends at the next sentence end), with explicit (turn, seq) ids: a job re-run after a worker died
 regenerates the same deterministic tokens, and Redis refuses the ones that
 already landed, so the caller never sees a token twice.
 """
@@ -25,6 +27,7 @@ from shared.protocol import (
     output_entry_id,
 )
 from workers import llm as llm_engines
+from workers.llm.budget import SpokenReply
 from workers.stages import Outcome, StageContext
 
 log = logging.getLogger("voxbus.stage.llm")
@@ -65,23 +68,37 @@ class LlmStage:
         pub = self.ctx.publisher
         seq = 0
         first_at = t0
+        reply = SpokenReply(self.ctx.pool.reply)
         stream = self.engine.stream(
-            messages, request_id=f"{job.session}-{job.turn}-{uuid.uuid4().hex[:8]}", max_tokens=job.max_tokens, watch=watch
+            messages, request_id=f"{job.session}-{job.turn}-{uuid.uuid4().hex[:8]}",
+            max_tokens=min(job.max_tokens, self.ctx.pool.reply.max_tokens), watch=watch,
         )
+
+        def publish(text: str) -> None:
+            nonlocal seq
+            pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text=text),
+                               entry_id=output_entry_id(job.turn, seq))
+            seq += 1
+
         try:
             async for delta in stream:
                 if watch.cancelled:
                     break
                 if not delta:
                     continue
-                if seq == 0:
+                if reply.tokens == 0:
                     first_at = time.perf_counter()
                     self.ctx.mark(job, "ttft", (first_at - t0) * 1000)
-                pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text=delta),
-                                   entry_id=output_entry_id(job.turn, seq))
-                seq += 1
+                text, stop = reply.push(delta)
+                if text:
+                    publish(text)
+                if stop:  # closing the stream below aborts the generation
+                    self.ctx.mark(job, f"cut_{reply.stopped}", float(reply.tokens))
+                    break
         finally:
             await stream.aclose()
+        if not watch.cancelled and not reply.stopped and (rest := reply.finish()):
+            publish(rest)
         if watch.cancelled:
             await pub.publish(Keys.events(job.session), Cancelled(
                 session=job.session, turn=job.turn, stage="llm", reason=watch.reason or "cancel"))
@@ -90,8 +107,8 @@ class LlmStage:
                            entry_id=output_entry_id(job.turn, seq))
         end = time.perf_counter()
         self.ctx.mark(job, "done", (end - t0) * 1000)
-        if seq > 1 and end > first_at:
+        if reply.tokens > 1 and end > first_at:
             pool = self.ctx.pool
-            metrics.LLM_TOKENS_PER_S.labels(pool.name, pool.stage, pool.gpu_type).observe((seq - 1) / (end - first_at))
+            metrics.LLM_TOKENS_PER_S.labels(pool.name, pool.stage, pool.gpu_type).observe((reply.tokens - 1) / (end - first_at))
         await pub.flush()
         return Outcome.DONE

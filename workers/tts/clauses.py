@@ -10,9 +10,14 @@ would read aloud (* # `) are dropped as they stream in.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-_NOISE = str.maketrans("", "", "*#`")
+_NOISE = str.maketrans("", "", "*#`~|\u2022")  # emphasis, headings, code, strike-through, table bars, bullets
+_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")  # [text](url) -> text
+_URL = re.compile(r"\bhttps?://\S+")
+_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])")  # _emphasis_ and __bold__, not snake_case
+_NUMBERED = re.compile(r"^\d{1,2}[.)]\s+")  # "1. " / "2) " list markers at a piece's start
 _CLAUSE_MARKS = ",;:"
 _SENTENCE_MARKS = ".!?"
 _DASHES = "\u2014\u2013"  # em and en dash
@@ -28,8 +33,12 @@ Kind = Literal["clause", "sentence", "pending"]
 
 
 def tidy(text: str) -> str:
-    """Whitespace collapsed, leading bullets and trailing dashes dropped; "" when nothing speakable is left."""
-    text = " ".join(text.split()).lstrip(_BULLETS).rstrip(" -" + _DASHES)
+    """What a TTS should say of a piece: markdown links become their text, URLs, emphasis marks and
+    list markers go, whitespace is collapsed, trailing dashes dropped; "" when nothing speakable is left."""
+    text = _URL.sub("", _LINK.sub(r"\1", text))
+    text = _UNDERSCORE.sub("", text)
+    text = " ".join(text.split()).lstrip(_BULLETS)
+    text = _NUMBERED.sub("", text).rstrip(" -" + _DASHES)
     return text if any(c.isalnum() for c in text) else ""
 
 
@@ -70,7 +79,7 @@ class ClauseBuffer:
         soft_cut = 0  # last clause boundary, for a piece grown to max_chars
         i = 0
         while i < len(buf):
-            kind, end = self._boundary_at(buf, i)
+            kind, end = boundary_at(buf, i)
             if kind == "pending":
                 break
             if kind is None:
@@ -90,36 +99,37 @@ class ClauseBuffer:
         space = buf.rfind(" ", 0, self.max_chars)
         return space if space > 0 else self.max_chars
 
-    def _boundary_at(self, buf: str, i: int) -> tuple[Kind | None, int]:
-        """Whether buf[i] ends a piece, and where the piece ends (after closing quotes)."""
-        ch = buf[i]
-        if ch == "\n":
-            return "sentence", i + 1
-        if ch in _DASHES:
-            return "clause", i + 1
-        if ch == "-":  # only a spaced hyphen is a dash; "well-known" is a word
-            if i == 0 or buf[i - 1] != " ":
-                return None, 0
-            if i + 1 >= len(buf):
-                return "pending", 0
-            return ("clause", i + 1) if buf[i + 1].isspace() else (None, 0)
-        if ch not in _CLAUSE_MARKS and ch not in _SENTENCE_MARKS:
+
+def boundary_at(buf: str, i: int) -> tuple[Kind | None, int]:
+    """Whether buf[i] ends a piece, and where the piece ends (after closing quotes)."""
+    ch = buf[i]
+    if ch == "\n":
+        return "sentence", i + 1
+    if ch in _DASHES:
+        return "clause", i + 1
+    if ch == "-":  # only a spaced hyphen is a dash; "well-known" is a word
+        if i == 0 or buf[i - 1] != " ":
             return None, 0
-        j = i + 1
-        while j < len(buf) and buf[j] in _CLOSERS:
-            j += 1
-        if j >= len(buf):
-            return "pending", 0  # "3." may still become "3.14"
-        if not buf[j].isspace():
+        if i + 1 >= len(buf):
+            return "pending", 0
+        return ("clause", i + 1) if buf[i + 1].isspace() else (None, 0)
+    if ch not in _CLAUSE_MARKS and ch not in _SENTENCE_MARKS:
+        return None, 0
+    j = i + 1
+    while j < len(buf) and buf[j] in _CLOSERS:
+        j += 1
+    if j >= len(buf):
+        return "pending", 0  # "3." may still become "3.14"
+    if not buf[j].isspace():
+        return None, 0
+    if ch in _CLAUSE_MARKS:
+        return "clause", j
+    if ch == ".":
+        if i > 0 and buf[i - 1] == ".":
+            return "clause", j  # an ellipsis is a pause, not an end
+        if _period_is_not_an_end(buf, i):
             return None, 0
-        if ch in _CLAUSE_MARKS:
-            return "clause", j
-        if ch == ".":
-            if i > 0 and buf[i - 1] == ".":
-                return "clause", j  # an ellipsis is a pause, not an end
-            if _period_is_not_an_end(buf, i):
-                return None, 0
-        return "sentence", j
+    return "sentence", j
 
 
 def _period_is_not_an_end(buf: str, i: int) -> bool:

@@ -1,0 +1,73 @@
+"""End-of-turn stage: read the utterance so far from audio.in, ask the model, publish its verdict.
+
+The bridge sends a job at each pause in a caller's speech; the verdict
+(`EotDecision`: the probability that the caller has finished) goes to the
+session's events, where the bridge's turn machine reads it. Jobs that arrive
+together, from any sessions, are scored in one batched model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from shared.cancel import CancelWatch
+from shared.protocol import EotDecision, EotJob, Keys
+from workers import eot as eot_engines
+from workers.stages import Outcome, StageContext
+from workers.stages.frames import read_frames
+
+
+class EotStage:
+    def __init__(self, ctx: StageContext, engine: eot_engines.EotEngine | None = None) -> None:
+        self.ctx = ctx
+        self.engine = engine or eot_engines.create(ctx.pool.engine, dict(ctx.pool.options))
+        self._batch: list[tuple[np.ndarray, asyncio.Future[float]]] = []
+        self._batch_task: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self.engine.load)
+
+    async def close(self) -> None:
+        if self._batch_task:
+            await asyncio.gather(self._batch_task, return_exceptions=True)
+
+    async def _predict(self, audio: np.ndarray) -> float:
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._batch.append((audio, fut))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._run_batches())
+        return await fut
+
+    async def _run_batches(self) -> None:
+        await asyncio.sleep(0)  # let jobs that started in the same tick join the batch
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                probs = await asyncio.to_thread(self.engine.predict, [a for a, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), prob in zip(batch, np.asarray(probs, dtype=np.float64).reshape(-1).tolist()):
+                if not fut.done():
+                    fut.set_result(float(prob))
+
+    async def handle(self, job: EotJob, watch: CancelWatch) -> Outcome:
+        t0 = time.perf_counter()
+        audio = await read_frames(self.ctx.redis, job.session, job.start_seq, job.end_seq, turn=job.turn)
+        if audio.size == 0:
+            raise ValueError(f"no audio for frames {job.start_seq}..{job.end_seq} of session {job.session}")
+        prob = await self._predict(audio)
+        cost_ms = (time.perf_counter() - t0) * 1000
+        if watch.cancelled:
+            return Outcome.CANCELLED
+        self.ctx.publisher.publish_nowait(Keys.events(job.session), EotDecision(
+            session=job.session, turn=job.turn, prob=round(prob, 5),
+            start_frame=job.start_seq, end_frame=job.end_seq, cost_ms=round(cost_ms, 2)))
+        self.ctx.mark(job, "done", cost_ms)
+        await self.ctx.publisher.flush()
+        return Outcome.DONE
