@@ -59,7 +59,7 @@ async def _main(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            waits = {asyncio.ensure_future(stop.wait())}
+            waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bridge.tasks.failed.wait())}
             if hasattr(transport, "wait"):
                 waits.add(asyncio.ensure_future(transport.wait()))
             done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -70,6 +70,9 @@ async def _main(args: argparse.Namespace) -> int:
         finally:
             await transport.stop()
             await bridge.stop()
+    if bridge.tasks.failure:
+        log.critical("bridge stopped: %s", bridge.tasks.failure)
+        return 70  # EX_SOFTWARE: the orchestrator restarts it
     return 0
 
 

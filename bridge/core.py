@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Coroutine
@@ -22,7 +24,9 @@ from shared import metrics
 from shared.bus import BatchPublisher, StreamMux, session_of
 from shared.config import BridgeConfig, Config
 from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
+from shared.logs import RateLimitedLog
 from shared.redis_conn import connect, wait_ready
+from shared.tasks import TaskSet
 from shared.routing import Router
 
 from .context import SessionContext
@@ -31,14 +35,22 @@ from .vad import create as create_vad
 from .vad.segmenter import BatchVad, EndpointConfig
 
 log = logging.getLogger("voxbus.bridge")
+_limited = RateLimitedLog(log)
 
 TICK_S = 0.02
 VAD_DELIVERY_BATCH = 32  # sessions whose VAD events are handled concurrently in a tick
 SESSION_TTL_S = 24 * 3600
+# A session id stays claimed far longer than anything of its session is kept, so it is never reused.
+CLAIM_TTL_S = 30 * 24 * 3600
 
 
 class TooManySessions(RuntimeError):
     pass
+
+
+class SessionExists(ValueError):
+    """The session id is live or was used before: ids are never reused (a reused id would hand the
+    new caller the old call's recording, transcript and context)."""
 
 
 def endpoint_config(b: BridgeConfig) -> EndpointConfig:
@@ -56,11 +68,11 @@ class Bridge:
         self.config = config
         self.sessions: dict[str, CallSession] = {}
         self._vad_engine = vad_engine
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._spawned: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet("bridge")  # the ingest and reader loops are vital; side effects are not
         # VAD state is touched by the tick's thread: sessions join and leave it between ticks
         self._vad_changes: list[tuple[str, bool]] = []
         self._opening: set[str] = set()  # ids between the limit check and the session's creation
+        self.id = f"bridge-{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = asyncio.Event()
 
     @property
@@ -75,30 +87,28 @@ class Bridge:
         self.mux = StreamMux(self.redis, block_ms=20)
         engine = self._vad_engine or create_vad("silero", {})
         self.vad = BatchVad(engine, endpoint_config(self.config.bridge))
-        self._tasks = [asyncio.create_task(self._ingest_loop(), name="bridge-ingest"),
-                       asyncio.create_task(self._reader_loop(), name="bridge-reader")]
+        self.tasks.spawn(self._ingest_loop(), "ingest", vital=True)
+        self.tasks.spawn(self._reader_loop(), "reader", vital=True)
         self.started.set()
 
     async def stop(self) -> None:
         for sid in list(self.sessions):
             await self.close_session(sid)
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        await self.tasks.aclose()
         await self.mux.aclose()
         await self.publisher.close()
         await self.redis.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run a Redis side effect without blocking the caller; errors are logged."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._spawned.add(task)
-        task.add_done_callback(self._spawn_done)
+        """Run a Redis side effect without blocking the caller; failures are logged (rate-limited)."""
+        self.tasks.spawn(self._quietly(coro), "io")
 
-    def _spawn_done(self, task: asyncio.Task[Any]) -> None:
-        self._spawned.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("bridge background operation failed: %s", task.exception())
+    async def _quietly(self, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            _limited.warning(f"io:{type(exc).__name__}", "bridge background operation failed: %s: %s",
+                             type(exc).__name__, exc)
 
     async def open_session(self, sid: str | None = None, *, pools: dict[str, str] | None = None,
                            sink: ClientSink | None = None, transport: str = "webrtc", out_rate: int = 48_000) -> CallSession:
@@ -107,7 +117,7 @@ class Bridge:
             raise TooManySessions(f"bridge is at its limit of {self.config.bridge.max_sessions} sessions")
         sid = validate_session_id(sid or uuid.uuid4().hex[:16])
         if sid in self.sessions or sid in self._opening:
-            raise ValueError(f"session {sid} already exists")
+            raise SessionExists(f"session {sid} already exists")
         for stage, pool in (pools or {}).items():
             if self.config.pool(pool).stage != stage:
                 raise ValueError(f"pool {pool!r} does not serve stage {stage!r}")
@@ -117,7 +127,13 @@ class Bridge:
         session = CallSession(self, sid, context, pools=pools, sink=sink, out_rate=out_rate)
         self._opening.add(sid)
         try:
+            # The claim is atomic across bridges: of two callers opening one id, one gets it.
+            if not await self.redis.set(Keys.claim(sid), self.id, nx=True, ex=CLAIM_TTL_S):
+                metrics.SESSIONS_REJECTED.labels("id_taken").inc()
+                raise SessionExists(f"session id {sid} was used before; session ids are never reused")
             pipe = self.redis.pipeline(transaction=False)
+            # Anything left under a newly claimed id is older than any claim: not this call's.
+            pipe.delete(*Keys.session_streams(sid), Keys.cancelled_turn(sid))
             context.open_into(pipe)
             pipe.zadd(Keys.SESSIONS, {sid: time.time()})
             await pipe.execute()
@@ -142,6 +158,7 @@ class Bridge:
         pipe = self.redis.pipeline(transaction=False)
         for key in [*Keys.session_streams(sid), Keys.ctx(sid)]:
             pipe.expire(key, SESSION_TTL_S)
+        pipe.expire(Keys.claim(sid), CLAIM_TTL_S)
         await pipe.execute()
         metrics.ACTIVE_SESSIONS.set(len(self.sessions))
         log.info("session %s closed", sid)
@@ -154,7 +171,7 @@ class Bridge:
             try:
                 await self._tick()
             except Exception:
-                log.exception("ingest tick failed")
+                _limited.exception("tick", "ingest tick failed")
             metrics.INGEST_TICK_MS.observe((time.perf_counter() - t0) * 1000)
             delay = next_tick - time.monotonic()
             if delay < -1.0:  # far behind (e.g. suspended): skip ahead instead of bursting
@@ -175,7 +192,7 @@ class Bridge:
         if batch:
             events, rejected = await asyncio.to_thread(self.vad.feed, batch)
             for sid, seq, reason in rejected:  # one bad frame must not cost the other sessions their tick
-                log.warning("session %s: VAD rejected frame %d: %s", sid, seq, reason)
+                _limited.warning("vad-reject", "session %s: VAD rejected frame %d: %s", sid, seq, reason)
             # Each session's events in order, sessions concurrently: their job submissions
             # (each waits for the publisher's round trip) overlap instead of queueing.
             per_session: dict[str, list[Any]] = {}
@@ -195,7 +212,7 @@ class Bridge:
                                                return_exceptions=True)
                 for (sid, _), result in zip(chunk, results):
                     if isinstance(result, Exception):
-                        log.error("session %s: handling its VAD events failed", sid, exc_info=result)
+                        _limited.warning("vad-events", "session %s: handling its VAD events failed: %r", sid, result)
         now = time.time()
         for session in list(self.sessions.values()):
             session.tick(now)
@@ -205,7 +222,7 @@ class Bridge:
             try:
                 batch = await self.mux.read()
             except Exception:  # the reader serves every session: it must outlive any bug
-                log.exception("bridge stream reader failed; retrying")
+                _limited.exception("reader", "bridge stream reader failed; retrying")
                 await asyncio.sleep(0.05)
                 continue
             for received in batch:
@@ -215,4 +232,5 @@ class Bridge:
                 try:
                     await session.on_message(received.msg)
                 except Exception:
-                    log.exception("session %s failed to handle %s", session.id, type(received.msg).__name__)
+                    _limited.exception(f"handle:{type(received.msg).__name__}", "session %s failed to handle %s",
+                                       session.id, type(received.msg).__name__)

@@ -259,7 +259,14 @@ async def _up(args: argparse.Namespace) -> int:
         async with local_stack(args.pools, args.redis_url, host=args.host, port=args.port, token=args.token,
                                verbose=args.verbose_workers, only=only) as stack:
             print(f"voxbus up: open {stack.page_url}  (Ctrl-C stops everything)", flush=True)
-            await stop.wait()
+            failed = asyncio.ensure_future(stack.bridge.tasks.failed.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            failed.cancel()
+            stopped.cancel()
+            if stack.bridge.tasks.failure:
+                print(f"voxbus up: the bridge stopped: {stack.bridge.tasks.failure}", file=sys.stderr)
+                return 70
     except StackError as exc:
         print(f"voxbus up: {exc}", file=sys.stderr)
         return 2

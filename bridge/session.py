@@ -102,7 +102,7 @@ def turn_config(cfg: BridgeConfig) -> TurnConfig:
     return TurnConfig(
         barge_in_min_speech_ms=cfg.barge_in_min_speech_ms, false_interrupt_timeout_ms=cfg.false_interrupt_timeout_ms,
         eot=cfg.eot, eot_threshold=cfg.eot_threshold, min_endpoint_ms=cfg.min_endpoint_ms,
-        pause_ms=cfg.preemptive_pause_ms,
+        rescore_ms=cfg.eot_rescore_ms, pause_ms=cfg.preemptive_pause_ms,
     )
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -138,7 +139,7 @@ class Stack:
     redis_url: str
     config: Config
     workers: list[WorkerProcess]
-    bridge: object
+    bridge: Any  # bridge.core.Bridge (imported lazily: the worker image has no bridge)
     transport: object
     page_url: str
     token: str

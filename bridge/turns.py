@@ -83,6 +83,9 @@ class TurnConfig:
     eot: str = "none"
     eot_threshold: float = 0.5
     min_endpoint_ms: float = 0.0
+    # While the caller stays silent after an "incomplete" verdict, ask again this often (the model
+    # hears the growing silence): 0 asks once per pause.
+    rescore_ms: float = 200.0
     pause_ms: float = 100.0  # the silence at which a VadPause arrives
     max_merge_ms: float = 30_000.0  # a continuation joins the turn before it only within this span
     frame_ms: float = 20.0
@@ -99,7 +102,9 @@ class _Spec:
     transcript: str | None = None
     generating: bool = False
     held_tokens: list[TokenIn] = field(default_factory=list)
-    prob: float | None = None  # the end-of-turn model's verdict, once it came
+    prob: float | None = None  # the end-of-turn model's latest verdict
+    scoring: bool = False  # a ScoreTurn is out
+    scored_at: float = 0.0  # when the latest ScoreTurn went out
 
 
 @dataclass
@@ -199,7 +204,7 @@ class TurnMachine:
         out.append(SubmitAsr(spec.turn, start, ev.end_frame))
         out.append(Record("preemptive", spec.turn, {"outcome": "started"}))
         if self.cfg.eot != "none":
-            out.append(ScoreTurn(spec.turn, start, ev.end_frame))
+            self._score(spec, ev.now, out)
 
     def _on_vad_end(self, ev: VadEnd, out: list[Command]) -> None:
         self._speech_since = None
@@ -224,7 +229,21 @@ class TurnMachine:
         if spec is None or spec.turn != ev.turn:
             return  # the caller went on meanwhile, or the VAD ended the turn first
         spec.prob = ev.prob
+        spec.scoring = False
         self._end_on_verdict(ev.now, out)
+
+    def _score(self, spec: _Spec, now: float, out: list[Command]) -> None:
+        spec.scoring, spec.scored_at = True, now
+        out.append(ScoreTurn(spec.turn, spec.start_frame, spec.end_frame))
+
+    def _rescore(self, now: float, out: list[Command]) -> None:
+        """The caller is still silent after an "incomplete": ask the model again, with the longer silence."""
+        spec = self._spec
+        if (spec is None or spec.scoring or spec.prob is None or self.cfg.rescore_ms <= 0
+                or spec.prob >= self.cfg.eot_threshold):
+            return
+        if (now - spec.scored_at) * 1000 + 1e-6 >= self.cfg.rescore_ms:
+            self._score(spec, now, out)
 
     def _end_on_verdict(self, now: float, out: list[Command]) -> None:
         spec = self._spec
@@ -378,6 +397,7 @@ class TurnMachine:
 
     def _on_tick(self, ev: Tick, out: list[Command]) -> None:
         self._end_on_verdict(ev.now, out)
+        self._rescore(ev.now, out)
         if self._speech_since is not None and self._pending_barge is None and self._audible(heard_only=True):
             if (ev.now - self._speech_since) * 1000 >= self.cfg.barge_in_min_speech_ms:
                 self._barge_in(ev.now, "vad", hard=False, out=out)

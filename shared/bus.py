@@ -44,11 +44,13 @@ from .protocol import (
     encode,
     maxlen_for,
 )
+from .logs import RateLimitedLog
 from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, node_client
 from .tasks import finish_task
 from .wire import Wire, as_bytes, bulk, has_pool, pack_xadd
 
 log = logging.getLogger("voxbus.bus")
+_limited = RateLimitedLog(log)
 
 DUPLICATE_ID_ERROR = "equal or smaller than the target stream top item"
 
@@ -233,7 +235,7 @@ class BatchPublisher:
         if epoch != wire.epoch:
             return
         metrics.BUS_RECONNECTS.labels("publisher").inc()
-        log.warning("publish of %d entries failed (%s); retrying", len(self._buf), exc)
+        _limited.warning("publish-retry", "publish of %d entries failed (%s); retrying", len(self._buf), exc)
         self._requeue()
         await wire.drop()
         await self._backoff.sleep()
@@ -303,6 +305,8 @@ class BatchPublisher:
                 failed[key] += 1
                 first_failure = first_failure or res
                 fut.set_exception(res)
+                fut.exception()  # retrieved: fire-and-forget callers (caller frames) log no traceback each
+
             else:
                 published[key] += 1
                 fut.set_result(res)
@@ -310,7 +314,8 @@ class BatchPublisher:
         _count_by_kind(metrics.BUS_DUPLICATES, duplicates)
         if failed:  # refused by Redis (an error reply, not a lost connection: those are retried)
             _count_by_kind(metrics.BUS_PUBLISH_FAILED, failed)
-            log.warning("Redis refused %d entries: %s", sum(failed.values()), first_failure)
+            _limited.warning(f"refused:{str(first_failure)[:40]}", "Redis refused %d entries: %s",
+                             sum(failed.values()), first_failure)
         self._batches += 1
         self._entries += len(batch)
         self._max_seen = max(self._max_seen, len(batch))
@@ -512,7 +517,7 @@ class StreamMux:
                 replies = await self._fetch()
         except TRANSIENT_ERRORS as exc:
             metrics.BUS_RECONNECTS.labels("reader").inc()
-            log.warning("stream read failed (%s); retrying", exc)
+            _limited.warning("read", "stream read failed (%s); retrying", exc)
             await self._backoff.sleep()
             return []
         self._backoff.reset()

@@ -33,11 +33,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import metrics
+from .logs import RateLimitedLog
 from .protocol import PREFIX, Cancel, Keys, ProtocolError, decode_as, encode
 from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, mget, node_client
 from .tasks import finish_task
 
 log = logging.getLogger("voxbus.cancel")
+_limited = RateLimitedLog(log)
 
 CANCEL_PATTERN = f"{PREFIX}:{{*}}:cancel"
 CANCELLED_TTL_S = 24 * 3600
@@ -182,9 +184,12 @@ class CancelHub:
                         continue  # a cancel naming session A sent on B's channel affects nobody
                     metrics.CANCELS_RECEIVED.inc()
                     self._dispatch(cancel)
-            except TRANSIENT_ERRORS as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever Redis did, the process must keep hearing cancels
                 metrics.BUS_RECONNECTS.labels("cancel").inc()
-                log.warning("cancel subscription lost (%s); reconnecting", exc)
+                _limited.warning(f"sub:{type(exc).__name__}", "cancel subscription lost (%s: %s); reconnecting",
+                                 type(exc).__name__, exc)
                 await backoff.sleep()
             finally:
                 if pubsub is not None:

@@ -81,6 +81,7 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     eot_threshold: float = 0.5
     min_endpoint_ms: int = 0
     max_endpoint_ms: int = 2500
+    eot_rescore_ms: int = 200  # ask the model again this often while the caller stays silent
     system_prompt: str = ("You are a helpful voice assistant on a phone call. Answer in one or two short spoken "
                           "sentences. No lists, no markdown, no emojis.")
 

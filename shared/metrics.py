@@ -29,6 +29,8 @@ JOBS_ENQUEUE_FAILED = Counter("voxbus_jobs_enqueue_failed_total", "Jobs Redis re
 OVERFLOWS_REFUSED = Counter("voxbus_overflow_refused_total",
                             "Jobs kept on a saturated pool because its fallback had no live worker",
                             ["stage", "pool", "fallback"])
+HEARTBEAT_FAILURES = Counter("voxbus_worker_heartbeat_failures_total",
+                             "Worker heartbeats Redis did not take (down, OOM, read-only)", ["pool"])
 SLOTS_BUSY = Gauge("voxbus_worker_slots_busy", "Busy job slots", ["pool", "stage", "gpu_type"])
 SLOTS_TOTAL = Gauge("voxbus_worker_slots_total", "Job slots", ["pool", "stage", "gpu_type"])
 

@@ -97,6 +97,11 @@ class Keys:
         return Keys._s(sid, "meta")
 
     @staticmethod
+    def claim(sid: str) -> str:
+        """Who opened this session id (SET NX): an id names one call, ever, across every bridge."""
+        return Keys._s(sid, "claim")
+
+    @staticmethod
     def cancelled_turn(sid: str) -> str:
         """Highest cancelled turn id; queued jobs at or below it are skipped."""
         return Keys._s(sid, "cancelled")

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
@@ -294,14 +294,27 @@ async def wait_ready(client: aioredis.Redis, timeout: float = 10.0, url: str = "
 
 
 class Backoff:
-    """Exponential back-off with a cap, for loops that must survive Redis restarts."""
+    """Exponential back-off with jitter and a cap, for loops that must survive Redis restarts.
+
+    redis-py's EqualJitterBackoff computes the delay (half fixed, half random), so a fleet of
+    workers that lost Redis together does not reconnect in lock-step; this only counts failures
+    and sleeps.
+    """
 
     def __init__(self, base: float = 0.05, cap: float = 2.0) -> None:
-        self.base, self.cap, self._n = base, cap, 0
+        self._strategy = EqualJitterBackoff(cap=cap, base=base)
+        self._n = 0
+
+    @property
+    def failures(self) -> int:
+        return self._n
+
+    def next_delay(self) -> float:
+        self._n += 1
+        return float(self._strategy.compute(self._n - 1))
 
     async def sleep(self) -> None:
-        await asyncio.sleep(min(self.cap, self.base * (2**self._n)))
-        self._n += 1
+        await asyncio.sleep(self.next_delay())
 
     def reset(self) -> None:
         self._n = 0

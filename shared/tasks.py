@@ -27,3 +27,60 @@ async def finish_task(task: asyncio.Future[Any], grace_s: float, *, attempts: in
             log.warning("background task %s failed: %r", task, task.exception())
     else:
         log.warning("background task %s ignored %d cancellations; leaving it", task, attempts)
+
+
+class TaskSet:
+    """Every background task of one component, tracked, with vital ones supervised.
+
+    `spawn(coro, name)` keeps a reference (so a task is never garbage-collected
+    mid-flight) and logs a failure once the task ends. A task spawned with
+    `vital=True` must run until `aclose()`: if it ends before (an exception its
+    loop did not catch, or a return), `failed` is set and `failure` says why, so
+    the component stops and its process exits non-zero for the orchestrator to
+    restart it, instead of running on without a heartbeat or a reader.
+    """
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._vital: set[asyncio.Task[Any]] = set()
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
+        self._closing = False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Any, name: str, *, vital: bool = False) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.component}-{name}")
+        self._tasks.add(task)
+        if vital:
+            self._vital.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        vital = task in self._vital
+        self._vital.discard(task)
+        if task.cancelled():
+            if vital and not self._closing:
+                self._fail(task, "was cancelled")
+            return
+        exc = task.exception()
+        if vital and not self._closing:
+            self._fail(task, f"failed: {exc!r}" if exc is not None else "returned")
+        elif exc is not None:
+            log.warning("%s: background task %s failed: %r", self.component, task.get_name(), exc)
+
+    def _fail(self, task: asyncio.Task[Any], how: str) -> None:
+        self.failure = self.failure or f"vital task {task.get_name()} {how}"
+        log.critical("%s: %s; stopping so that it is restarted", self.component, self.failure,
+                     exc_info=task.exception() if not task.cancelled() else None)
+        self.failed.set()
+
+    async def aclose(self, grace_s: float = 0.0) -> None:
+        """Stop every task (vital ones included), waiting up to `grace_s` for each to end by itself."""
+        self._closing = True
+        for task in list(self._tasks):
+            await finish_task(task, grace_s=grace_s)

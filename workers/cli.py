@@ -34,6 +34,9 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.run(stop)
+    if worker.failure:
+        log.critical("worker %s stopped: %s", worker.id, worker.failure)
+        return 70  # EX_SOFTWARE: the orchestrator restarts it
     return 0
 
 

@@ -34,11 +34,12 @@ from redis.exceptions import ResponseError
 from shared import metrics
 from shared.bus import BatchPublisher
 from shared.cancel import CancelHub
-from shared.tasks import finish_task
+from shared.logs import RateLimitedLog
+from shared.tasks import TaskSet, finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
 from shared.protocol import Cancelled, JobFailed, Keys, TurnMark, WorkerRecord
-from shared.redis_conn import TRANSIENT_ERRORS, Backoff, connect, redact_url, wait_ready
+from shared.redis_conn import Backoff, connect, redact_url, wait_ready
 from workers import registry
 from workers.stages import Outcome, StageContext, StageHandler, create_handler
 
@@ -82,6 +83,11 @@ class Worker:
         # in flight can never re-take a job that the drain has just released.
         self._touch_lock = asyncio.Lock()
         self._labels = (pool.name, pool.stage, pool.gpu_type)
+        self.tasks = TaskSet("worker")
+        self.failure: str | None = None  # why the worker stopped on its own (a vital task ended)
+        self._beat_ok_since = 0.0
+        self._beat_failing = False
+        self._limited = RateLimitedLog(log)
         self.record = WorkerRecord(
             worker_id=self.id, pool=pool.name, stage=pool.stage, gpu_type=pool.gpu_type,
             host=socket.gethostname(), pid=os.getpid(), slots_total=pool.slots,
@@ -114,18 +120,24 @@ class Worker:
                  redact_url(self.redis_url), self.pool.slots)
         metrics.SLOTS_TOTAL.labels(*self._labels).set(self.pool.slots)
         await registry.heartbeat(redis, self.record, self.ttl_s)
-        beat = asyncio.create_task(self._heartbeats(), name="voxbus-heartbeat")
+        self._beat_ok_since = time.monotonic()
+        self.tasks.spawn(self._heartbeats(), "heartbeat", vital=True)
         self.ready.set()
         try:
-            await self._claim_loop(stop)
+            claim = self.tasks.spawn(self._claim_loop(stop), "claim", vital=True)
+            await _wait_any(stop, self.tasks.failed, timeout=None)
+            if self.tasks.failed.is_set():
+                self.failure = self.tasks.failure
+            stop.set()
+            await finish_task(claim, grace_s=self.reap_interval_s + 2.5)
         finally:
             await self._drain()
             self._beat_stop.set()
-            await finish_task(beat, grace_s=self.heartbeat_s + 2.5)
+            await self.tasks.aclose(grace_s=self.heartbeat_s + 2.5)
             try:
                 await registry.deregister(redis, self.pool.name, self.id)
-            except TRANSIENT_ERRORS:
-                log.warning("could not deregister %s (Redis unreachable); its record expires by itself", self.id)
+            except Exception as exc:  # Redis unreachable or refusing writes
+                log.warning("could not deregister %s (%s); its record expires by itself", self.id, exc)
             await handler.close()
             await finish_task(asyncio.ensure_future(self.hub.close()), grace_s=2.0)
             await finish_task(asyncio.ensure_future(self.publisher.close()), grace_s=5.0)
@@ -133,7 +145,9 @@ class Worker:
             log.info("worker %s: stopped", self.id)
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
-        backoff = Backoff()
+        """Claims jobs until `stop`; any Redis error (a lost connection, OOM, a vanished group) backs off
+        and goes on: this loop ending would leave the process alive but deaf."""
+        backoff = Backoff(cap=1.0)
         next_reap = 0.0
         block_ms = max(10, int(self.reap_interval_s * 1000))
         while not stop.is_set():
@@ -142,7 +156,7 @@ class Worker:
                     self._slot_freed.clear()
                     await _wait_any(self._slot_freed, stop, timeout=self.reap_interval_s)
                     continue
-                if time.monotonic() >= next_reap:
+                if time.monotonic() >= next_reap and self._may_reclaim():
                     next_reap = time.monotonic() + self.reap_interval_s
                     for d in await self._reclaim(self.free_slots):
                         self._start(d)
@@ -150,10 +164,20 @@ class Worker:
                     for d in await self.queue.read(self.free_slots, block_ms=block_ms):
                         self._start(d)
                 backoff.reset()
-            except TRANSIENT_ERRORS as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
                 metrics.BUS_RECONNECTS.labels("worker").inc()
-                log.warning("worker %s: Redis error (%s); retrying", self.id, exc)
+                self._limited.warning(f"claim:{type(exc).__name__}", "worker %s: claiming jobs failed (%s: %s); retrying",
+                                      self.id, type(exc).__name__, exc)
                 await backoff.sleep()
+
+    def _may_reclaim(self) -> bool:
+        """Not while our own heartbeats fail, nor right after: Redis is (or was) down or refusing
+        writes for everyone, so every peer looks dead until its next beat, and XCLAIM still works
+        under OOM (it adds no memory): taking their running jobs would run them twice. Two
+        heartbeat lifetimes after we are back, every live peer has beaten again."""
+        return not self._beat_failing and time.monotonic() - self._beat_ok_since >= 2 * self.ttl_s
 
     async def _reclaim(self, free: int) -> list[Delivery]:
         """Jobs of dead consumers first (registry), then anything idle too long (XAUTOCLAIM)."""
@@ -240,8 +264,9 @@ class Worker:
                     metrics.JOBS.labels(*self._labels, "dead_lettered").inc()
                     await self.publisher.publish(Keys.events(job.session), JobFailed(
                         session=job.session, turn=job.turn, stage=stage, reason=reason[:500]))
-            except TRANSIENT_ERRORS:
-                log.warning("could not record failure of %s; it will be reclaimed", d.entry_id)
+            except Exception as exc:  # Redis down or refusing writes: the job stays pending, a peer retries it
+                self._limited.warning("record-failure", "could not record the failure of %s (%s); it will be reclaimed",
+                                      d.entry_id, exc)
         finally:
             self.running.pop(d.entry_id, None)
             metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
@@ -258,7 +283,10 @@ class Worker:
             self.record.wait_p95_ms = round(w[min(len(w) - 1, int(len(w) * 0.95))], 1)
 
     async def _heartbeats(self) -> None:
-        backoff = Backoff()
+        """Beats until stopped, whatever Redis answers: a lost connection, OOM (maxmemory with
+        noeviction refuses the writes), a read-only replica. A beat that fails is retried soon
+        (jittered, capped well under the record's TTL) and logged at most once per interval."""
+        backoff = Backoff(base=0.05, cap=max(0.1, self.ttl_s / 4))
         while not self._beat_stop.is_set():
             try:
                 self.record.slots_busy = len(self.running)
@@ -266,8 +294,17 @@ class Worker:
                 await registry.heartbeat(self.redis, self.record, self.ttl_s)
                 await self._touch_running()
                 backoff.reset()
-            except TRANSIENT_ERRORS as exc:
-                log.warning("worker %s: heartbeat failed (%s)", self.id, exc)
+                if self._beat_failing:
+                    self._beat_failing = False
+                    self._beat_ok_since = time.monotonic()
+                    log.info("worker %s: heartbeats are back", self.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._beat_failing = True
+                metrics.HEARTBEAT_FAILURES.labels(self.pool.name).inc()
+                self._limited.warning(f"beat:{type(exc).__name__}", "worker %s: heartbeat failed (%s: %s); retrying",
+                                      self.id, type(exc).__name__, exc)
                 await backoff.sleep()
                 continue
             try:
@@ -304,12 +341,12 @@ class Worker:
                 try:
                     await self.queue.release(d.entry_id)
                     metrics.JOBS.labels(*self._labels, "released").inc()
-                except TRANSIENT_ERRORS:
-                    log.warning("could not hand back %s; it will be reclaimed after claim_idle_ms", d.entry_id)
+                except Exception as exc:
+                    log.warning("could not hand back %s (%s); it will be reclaimed after claim_idle_ms", d.entry_id, exc)
         self.running.clear()
 
 
-async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:
+async def _wait_any(event: asyncio.Event, stop: asyncio.Event, timeout: float | None) -> None:
     waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stop.wait())]
     try:
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

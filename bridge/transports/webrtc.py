@@ -26,7 +26,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from shared import metrics
 from shared.config import BridgeConfig
 
-from ..core import Bridge, TooManySessions
+from ..core import Bridge, SessionExists, TooManySessions
 from ..session import CallSession
 from . import rtc_setup
 from .channels import ChannelSink, ControlChannel
@@ -219,6 +219,8 @@ class WebRtcTransport:
                                                          out_rate=self.out_rate)
             except TooManySessions as exc:
                 raise OfferError(503, "too_many_sessions", str(exc)) from None
+            except SessionExists as exc:
+                raise OfferError(409, "session_exists", str(exc)) from None
             except ValueError as exc:  # bad session id, unknown pool, pool of the wrong stage
                 raise OfferError(400, "bad_request", str(exc)) from None
             except Exception as exc:  # Redis unreachable, ...: the caller may retry

@@ -180,7 +180,7 @@ async def delete_session_keys(redis_url: str, sids: list[str]) -> None:
     try:
         def run() -> None:
             for sid in sids:
-                keys = [*Keys.session_streams(sid), Keys.ctx(sid), Keys.meta(sid), Keys.cancelled_turn(sid)]
+                keys = [*Keys.session_streams(sid), Keys.ctx(sid), Keys.meta(sid), Keys.cancelled_turn(sid), Keys.claim(sid)]
                 client.delete(*keys)
                 client.zrem(Keys.SESSIONS, sid)
         await asyncio.to_thread(run)

@@ -262,3 +262,17 @@ def test_a_continuation_never_spans_more_than_max_merge() -> None:
         Step(ev.TranscriptIn(1.5, 0, "Thanks.")),
         Step(ev.VadStart(5.0, 260), deny=["record merged 0", "cancel"]),
     ], config)
+
+
+def test_the_model_is_asked_again_while_the_caller_stays_silent() -> None:
+    config = TurnConfig(eot="smart-turn", eot_threshold=0.5, rescore_ms=200.0, pause_ms=100.0)
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60), ["score 0 10-60"]),
+        Step(ev.Tick(1.1), deny=["score"]),  # one request at a time
+        Step(ev.EotVerdict(1.15, 0, 0.2), deny=["record turn_end"]),
+        Step(ev.Tick(1.19), deny=["score"]),
+        Step(ev.Tick(1.2), ["score 0 10-60"]),  # 200 ms after the last request
+        Step(ev.EotVerdict(1.25, 0, 0.7), ["record turn_end 0 model"]),
+        Step(ev.Tick(1.5), deny=["score"]),
+    ], config)
