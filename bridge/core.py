@@ -123,7 +123,9 @@ class Bridge:
                 raise ValueError(f"pool {pool!r} does not serve stage {stage!r}")
         meta = SessionMeta(session=sid, transport=transport, pools=pools or {})
         system = ChatMessage(session=sid, role="system", text=self.config.bridge.system_prompt)
-        context = SessionContext(self.redis, sid, meta=encode(meta), system=encode(system), ttl_s=SESSION_TTL_S)
+        b = self.config.bridge
+        context = SessionContext(self.redis, sid, meta=encode(meta), system=encode(system), ttl_s=SESSION_TTL_S,
+                                 max_messages=b.context_max_messages, max_chars=b.context_max_chars)
         session = CallSession(self, sid, context, pools=pools, sink=sink, out_rate=out_rate)
         self._opening.add(sid)
         try:

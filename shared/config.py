@@ -82,6 +82,10 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_endpoint_ms: int = 0
     max_endpoint_ms: int = 2500
     eot_rescore_ms: int = 200  # ask the model again this often while the caller stays silent
+    # The conversation an LLM sees, after the system prompt: past either bound the oldest messages
+    # go in one chunk, down to half (the prompt prefix, and the LLM's cache of it, stays put meanwhile).
+    context_max_messages: int = 24
+    context_max_chars: int = 6000
     system_prompt: str = ("You are a helpful voice assistant on a phone call. Answer in one or two short spoken "
                           "sentences. No lists, no markdown, no emojis.")
 

@@ -43,6 +43,8 @@ BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
 FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
 CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
+CONTEXT_TRIMS = Counter("voxbus_context_trims_total",
+                        "Conversation contexts cut down to half their bound (the oldest messages dropped in one chunk)")
 TURNS_MERGED = Counter("voxbus_turns_merged_total",
                        "Turns whose reply was dropped because the caller went on before hearing it")
 EOT_DECISIONS = Counter("voxbus_eot_decisions_total", "End-of-turn model verdicts at pauses", ["verdict"])

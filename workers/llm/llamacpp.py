@@ -239,13 +239,16 @@ class LlamaCppLlm:
             stats.prompt_tokens_evaluated = llama_cpp.llama_perf_context(llm.ctx).n_p_eval
 
     def _fit(self, llm: Any, chat: list[ChatDict], max_tokens: int) -> list[ChatDict]:
-        """Drop the oldest non-system messages until prompt + reply fit in the context window."""
+        """Drop the oldest non-system messages, in one chunk, when prompt + reply would overflow the window."""
         budget = self.n_ctx - max_tokens
         sizes = [len(llm.tokenize(m["content"].encode(), add_bos=False)) + _TEMPLATE_TOKENS_PER_MESSAGE for m in chat]
         chat = list(chat)
         first = 1 if chat and chat[0]["role"] == "system" else 0
-        while sum(sizes) > budget and len(chat) - first > 1:
-            del chat[first], sizes[first]
+        if sum(sizes) > budget:
+            # Down to 60% in one go, not a message per turn: the next turns then share this prefix
+            # and reuse its KV cache (the bridge bounds the context the same way, well before this).
+            while sum(sizes) > budget * 0.6 and len(chat) - first > 1:
+                del chat[first], sizes[first]
         if sum(sizes) > budget:
             raise ValueError(f"prompt of ~{sum(sizes)} tokens + max_tokens {max_tokens} exceed n_ctx {self.n_ctx}")
         return chat
