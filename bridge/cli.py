@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET)")
     p.add_argument("--health-port", type=int, default=8081, help="livekit transport: health/metrics port (0: any)")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="also serve Prometheus /metrics on this port (0: off; the WebRTC port serves /metrics anyway)")
+                   help="serve Prometheus /metrics on this port (0: off; the WebRTC port serves it only with the token)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default loopback; 0.0.0.0 for a scraper on another host)")
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -40,7 +42,7 @@ async def _main(args: argparse.Namespace) -> int:
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.metrics_host)
     async with redis_url_or_embedded(args.redis_url) as redis_url:
         bridge = Bridge(redis_url, config)
         if args.transport == "livekit":

@@ -74,6 +74,7 @@ class Bridge:
         self._opening: set[str] = set()  # ids between the limit check and the session's creation
         self.id = f"bridge-{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = asyncio.Event()
+        self._next_limits_check = 0.0
 
     @property
     def bridge_config(self) -> BridgeConfig:
@@ -218,6 +219,32 @@ class Bridge:
         now = time.time()
         for session in list(self.sessions.values()):
             session.tick(now)
+        if now >= self._next_limits_check:
+            self._next_limits_check = now + 1.0
+            self._check_limits(now)
+
+    def _check_limits(self, now: float) -> None:
+        """End calls past their maximum duration, or silent (no caller audio at all) too long."""
+        b = self.config.bridge
+        for session in list(self.sessions.values()):
+            if session.closed or session.expiring:
+                continue
+            if now - session.started >= b.max_call_s:
+                why, reason = "max_duration", f"the call reached its maximum duration ({b.max_call_s:g} s)"
+            elif now - session.last_audio_at >= b.idle_timeout_s:
+                why, reason = "idle", f"no audio from the caller for {b.idle_timeout_s:g} s"
+            else:
+                continue
+            session.expiring = True
+            self.spawn(self._end_call(session, why, reason))
+
+    async def _end_call(self, session: CallSession, why: str, reason: str) -> None:
+        metrics.CALLS_ENDED.labels(why).inc()
+        log.info("session %s: ending the call: %s", session.id, reason)
+        session.sink.send_control({"type": "ended", "reason": reason})
+        if session.hangup is not None:
+            await session.hangup(reason)
+        await self.close_session(session.id)
 
     async def _reader_loop(self) -> None:
         while True:

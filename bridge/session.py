@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -119,7 +119,11 @@ class CallSession:
         self.playout = Playout(out_rate)
         self.times: dict[int, TurnTimes] = {}
         self.started = time.time()
+        self.last_audio_at = self.started  # when caller audio last arrived (the idle timeout counts from here)
         self.closed = False
+        self.expiring = False  # a limit (duration, idle) is ending the call
+        # How the transport hangs up this call (set by it); the bridge calls it when a limit ends the call.
+        self.hangup: Callable[[str], Awaitable[None]] | None = None
         self._framer = Framer(FRAME_SAMPLES)
         self._frames: list[tuple[int, bytes, float]] = []
         self._seq = 0
@@ -151,6 +155,7 @@ class CallSession:
         if not frames:
             return
         ts = capture_ts or time.time()
+        self.last_audio_at = time.time()
         key = Keys.audio_in(self.id)
         publish = self.host.publisher.publish_nowait
         for frame in frames:

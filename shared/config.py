@@ -58,6 +58,20 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     max_sessions: int = 200
     max_datachannel_bytes: int = 4096
+    # HTTP signaling (README "Hardening"): a request head must arrive within header_timeout_s of
+    # connecting, its body within body_timeout_s; past http_max_connections new connections get a 503.
+    http_header_timeout_s: float = 5.0
+    http_body_timeout_s: float = 5.0
+    http_max_connections: int = 256
+    # Offers per client address: offer_burst at once, then offer_rate_per_s (429 past that).
+    offer_rate_per_s: float = 1.0
+    offer_burst: int = 10
+    # Calls whose peer has not connected yet: at most max_pending_calls, each for connect_timeout_s.
+    max_pending_calls: int = 16
+    connect_timeout_s: float = 10.0
+    # Every call ends after max_call_s, and after idle_timeout_s without any caller audio.
+    max_call_s: float = 4 * 3600.0
+    idle_timeout_s: float = 120.0
     jitter_target_ms: int = 40
     ice_servers: list[str] = []
     vad_threshold: float = 0.5

@@ -41,6 +41,9 @@ CONTEXT_RESTORED = Counter("voxbus_context_restored_total",
                            "Conversation contexts written again after Redis lost them (a restart)")
 BARGE_INS = Counter("voxbus_barge_ins_total", "Barge-ins by source", ["source"])
 FALSE_INTERRUPTIONS = Counter("voxbus_false_interruptions_total", "VAD barge-ins with no transcript after them")
+HTTP_REFUSED = Counter("voxbus_http_refused_total", "Signaling requests or connections refused by a limit",
+                       ["reason"])
+CALLS_ENDED = Counter("voxbus_calls_ended_total", "Calls ended by the bridge, by why", ["reason"])
 CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control messages ignored", ["reason"])
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
 CONTEXT_TRIMS = Counter("voxbus_context_trims_total",

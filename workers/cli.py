@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pools", help="pools TOML file (default: $VOXBUS_POOLS, else ops/pools/cpu.toml)")
     p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else redis://127.0.0.1:6379/0)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default loopback; 0.0.0.0 for a scraper on another host)")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running jobs may finish on SIGTERM")
 
 
@@ -27,7 +29,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     pool = load_config(args.pools).pool(args.pool)
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.metrics_host)
     worker = Worker(args.redis_url or redis_url_from_env(), pool, drain_timeout_s=args.drain_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

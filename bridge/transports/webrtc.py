@@ -30,6 +30,7 @@ from ..core import Bridge, SessionExists, TooManySessions
 from ..session import CallSession
 from . import rtc_setup
 from .channels import ChannelSink, ControlChannel
+from .http_guard import GuardedSite, OfferLimiter, runner_options
 from .signaling import build_app
 from .tracks import AgentAudioTrack, pump_caller_audio
 
@@ -161,16 +162,17 @@ class WebRtcTransport:
 
     def __init__(self, bridge: Bridge, config: BridgeConfig | None = None, *, token: str | None = None,
                  host: str | None = None, port: int | None = None, out_rate: int = 48_000,
-                 connect_timeout_s: float = 20.0, loopback_candidates: bool | None = None) -> None:
+                 connect_timeout_s: float | None = None, loopback_candidates: bool | None = None) -> None:
         cfg = self.cfg = config or bridge.config.bridge
         self.bridge = bridge
         self.token = token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
         self.host = host or cfg.host
         self.port = cfg.port if port is None else port
         self.out_rate = out_rate
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = cfg.connect_timeout_s if connect_timeout_s is None else connect_timeout_s
         self.ice_servers = rtc_setup.ice_servers(cfg.ice_servers + os.environ.get(ICE_SERVERS_ENV, "").split())
         self.calls: dict[str, RtcCall] = {}
+        self.offer_limiter = OfferLimiter(cfg.offer_rate_per_s, cfg.offer_burst)
         self._open_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         # a bridge listening on loopback has local callers only: they need a loopback candidate
@@ -190,14 +192,11 @@ class WebRtcTransport:
         rtc_setup.enable_opus_fec()
         if self.loopback_candidates:
             rtc_setup.include_loopback_candidates()
-        self._runner = web.AppRunner(build_app(self), access_log=None)
+        self._runner = web.AppRunner(build_app(self), **runner_options(self.cfg.http_header_timeout_s))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = GuardedSite(self._runner, self.host, self.port, max_connections=self.cfg.http_max_connections)
         await site.start()
-        if self.port == 0:  # an ephemeral port: report the real one
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                self.port = server.sockets[0].getsockname()[1]
+        self.port = site.port  # the real one, when 0 asked for any
         log.info("WebRTC transport listening on %s", self.url)
 
     async def stop(self) -> None:
@@ -212,6 +211,10 @@ class WebRtcTransport:
         sink = ChannelSink()
         # one open at a time: Bridge.open_session checks its limit before an await
         async with self._open_lock:
+            pending = sum(1 for call in self.calls.values() if not call.connected.is_set())
+            if pending >= self.cfg.max_pending_calls:
+                metrics.SESSIONS_REJECTED.labels("pending_calls").inc()
+                raise OfferError(503, "too_many_pending", f"{pending} calls are still connecting; try again shortly")
             if sid is not None and sid in self.bridge.sessions:
                 raise OfferError(409, "session_exists", f"session {sid} already exists")
             try:
@@ -229,6 +232,7 @@ class WebRtcTransport:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.ice_servers)))
         call = RtcCall(self, pc, session, sink)
         self.calls[call.id] = call
+        session.hangup = call.close
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             if not call._audio_bound:

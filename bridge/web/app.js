@@ -17,7 +17,7 @@ const vb = (window.voxbus = {
   state: "idle", sessionId: null, connected: false,
   agentAudioTicks: 0, agentPeak: 0, micPeak: 0,
   userTranscripts: [], agentText: {}, heardText: {}, unheardText: {}, tokenMessages: 0,
-  interruptsSent: 0, interruptedTurns: [], metrics: [], errors: [],
+  interruptsSent: 0, interruptedTurns: [], metrics: [], errors: [], busy: [],
 });
 
 let pc = null, control = null, mic = null, audioCtx = null, levelTimer = null;
@@ -121,8 +121,11 @@ function onControl(raw) {
       break;
     }
     case "busy":
-      vb.errors.push(m);
+      vb.busy.push(m);
       status(`the agent is busy (${m.stage}): ${m.reason}`);
+      break;
+    case "ended":
+      status(`call ended: ${m.reason}`);
       break;
     case "error":
       vb.errors.push(m);
@@ -284,6 +287,9 @@ function hangup() {
 }
 
 $("token").value = new URLSearchParams(location.search).get("token") || "";
+// The token came in the URL (voxbus up prints it that way): keep it out of the history, bookmarks and
+// anything copied from the address bar. The server also sends Referrer-Policy: no-referrer.
+if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname);
 $("call").addEventListener("click", call);
 $("hangup").addEventListener("click", hangup);
 $("stop").addEventListener("click", sendInterrupt);

@@ -61,7 +61,9 @@ class WorkerSet:
     logs: list[Path] = field(default_factory=list)
 
     def config(self) -> Config:
-        return parse_config(tomllib.loads(self.pools_file.read_text()), str(self.pools_file))
+        cfg = parse_config(tomllib.loads(self.pools_file.read_text()), str(self.pools_file))
+        cfg.bridge.offer_burst, cfg.bridge.offer_rate_per_s = 10_000, 1000.0  # every test caller is 127.0.0.1
+        return cfg
 
     def log_tail(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in self.logs if p.exists())
@@ -140,9 +142,12 @@ def workers(request: pytest.FixtureRequest, redis_url: str) -> WorkerSet:
 
 
 def pools_config(**bridge: Any) -> Config:
-    """A Config with unique pool names and no workers (for tests that never reach a pool)."""
+    """A Config with unique pool names and no workers (for tests that never reach a pool).
+
+    Every test caller shares 127.0.0.1, so the per-address offer limit is lifted unless a test sets it."""
     suffix = "t" + uuid.uuid4().hex[:8]
     cfg = parse_config(tomllib.loads(renamed_cpu_pools_toml(suffix)), "test")
+    bridge = {"offer_burst": 10_000, "offer_rate_per_s": 1000.0, **bridge}
     for key, value in bridge.items():
         setattr(cfg.bridge, key, value)
     return cfg

@@ -142,6 +142,7 @@ class ChaosCluster:
 
     def config(self, **bridge: Any) -> Config:
         cfg = parse_config(tomllib.loads(self.pools_file.read_text()), str(self.pools_file))
+        bridge = {"offer_burst": 10_000, "offer_rate_per_s": 1000.0, **bridge}  # every test caller is 127.0.0.1
         for key, value in bridge.items():
             setattr(cfg.bridge, key, value)
         return cfg
