@@ -48,6 +48,10 @@ class TooManySessions(RuntimeError):
     pass
 
 
+class Overloaded(RuntimeError):
+    """A default pool is too far behind to take another call now (retry in a few seconds)."""
+
+
 class SessionExists(ValueError):
     """The session id is live or was used before: ids are never reused (a reused id would hand the
     new caller the old call's recording, transcript and context)."""
@@ -119,6 +123,9 @@ class Bridge:
         sid = validate_session_id(sid or uuid.uuid4().hex[:16])
         if sid in self.sessions or sid in self._opening:
             raise SessionExists(f"session {sid} already exists")
+        if (behind := await self.router.overloaded(self.config.bridge.admission_max_wait_ms)) is not None:
+            metrics.SESSIONS_REJECTED.labels("overloaded").inc()
+            raise Overloaded(f"the agent is overloaded: {behind}; try again in a few seconds")
         for stage, pool in (pools or {}).items():
             if self.config.pool(pool).stage != stage:
                 raise ValueError(f"pool {pool!r} does not serve stage {stage!r}")

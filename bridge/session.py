@@ -36,6 +36,7 @@ from shared.protocol import (
     EotDecision,
     EotJob,
     Interrupt,
+    JobDropped,
     JobFailed,
     Keys,
     LlmJob,
@@ -102,7 +103,8 @@ def turn_config(cfg: BridgeConfig) -> TurnConfig:
     return TurnConfig(
         barge_in_min_speech_ms=cfg.barge_in_min_speech_ms, false_interrupt_timeout_ms=cfg.false_interrupt_timeout_ms,
         eot=cfg.eot, eot_threshold=cfg.eot_threshold, min_endpoint_ms=cfg.min_endpoint_ms,
-        rescore_ms=cfg.eot_rescore_ms, pause_ms=cfg.preemptive_pause_ms,
+        rescore_ms=cfg.eot_rescore_ms, pause_ms=cfg.preemptive_pause_ms, busy_message=cfg.busy_message,
+        reply_timeout_ms=cfg.reply_timeout_ms,
     )
 
 
@@ -237,6 +239,9 @@ class CallSession:
             await self._feed(ev.JobFailedIn(now, msg.turn, msg.stage, msg.reason))
         elif isinstance(msg, Cancelled):
             await self._feed(ev.JobCancelledIn(now, msg.turn, msg.stage))
+        elif isinstance(msg, JobDropped):
+            await self._feed(ev.JobBusy(now, msg.turn, msg.stage, f"the {msg.stage} pool is overloaded "
+                                        f"(the job waited {msg.late_ms:.0f} ms past its deadline)"))
 
     # ---------------------------------------------------------------- applying commands
     async def _feed(self, event: ev.Event) -> None:
@@ -296,6 +301,8 @@ class CallSession:
                 await self.context.append(entry)
                 await self._submit("llm", LlmJob(session=self.id, turn=cmd.turn))
                 await self._submit("tts", TtsJob(session=self.id, turn=cmd.turn))
+            elif isinstance(cmd, ev.Say):
+                await self._submit("tts", TtsJob(session=self.id, turn=cmd.turn, text=cmd.text), deadline=False)
             elif isinstance(cmd, ev.CancelTurn):
                 await publish_cancel(self.host.redis, Cancel(session=self.id, turn=cmd.turn, reason=cmd.reason))
             elif isinstance(cmd, ev.RemoveUserText):
@@ -358,11 +365,17 @@ class CallSession:
         elif kind == "false_interruption":
             metrics.FALSE_INTERRUPTIONS.inc()
             publish(events, TurnMark(session=self.id, turn=turn, stage="bridge", mark="false_interruption"))
+        elif kind == "busy":
+            metrics.TURNS_BUSY.labels(data["stage"]).inc()
+            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"busy_{data['stage']}"))
         elif kind == "merged":
             metrics.TURNS_MERGED.inc()
             publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark="merged"))
 
-    async def _submit(self, stage: str, job: Any) -> None:
+    async def _submit(self, stage: str, job: Any, *, deadline: bool = True) -> None:
+        limit = self.cfg.job_deadline_s.get(stage) if deadline else None
+        if limit:
+            job.deadline = time.time() + limit
         try:
             route = await self.host.router.submit(self.host.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
         except Exception as exc:  # Redis refused the job: the turn fails as if its job had been dead-lettered

@@ -159,6 +159,14 @@ class StartReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Say:
+    """Speak `text` as the agent's turn `turn` (no LLM: an apology when the pools are overloaded)."""
+
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ScoreTurn:
     """Ask the end-of-turn model about the utterance [start_frame, end_frame] (turn `turn`)."""
 
@@ -230,5 +238,5 @@ class Record:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Command = Union[SetPhase, SubmitAsr, StartReply, ScoreTurn, CancelTurn, RemoveUserText, AppendAgentText, CommitHeard,
+Command = Union[SetPhase, SubmitAsr, StartReply, Say, ScoreTurn, CancelTurn, RemoveUserText, AppendAgentText, CommitHeard,
                 Playout, SendTokens, Control, Record]

@@ -56,6 +56,7 @@ from .turn_events import (
     Playout,
     Record,
     RemoveUserText,
+    Say,
     ScoreTurn,
     SendTokens,
     SetPhase,
@@ -88,6 +89,10 @@ class TurnConfig:
     rescore_ms: float = 200.0
     pause_ms: float = 100.0  # the silence at which a VadPause arrives
     max_merge_ms: float = 30_000.0  # a continuation joins the turn before it only within this span
+    busy_message: str = ""  # said when a job of a turn was dropped for lateness ("" : only a control message)
+    # No agent audio this long after the end of a turn (a pool without a live worker, a lost job):
+    # the caller is told, as for a late job, instead of waiting in silence.
+    reply_timeout_ms: float = 15_000.0
     frame_ms: float = 20.0
 
 
@@ -121,6 +126,8 @@ class TurnRecord:
     heard: bool = False  # a frame of its reply reached the caller
     interrupted: bool = False  # cut by a barge-in: the context holds what was heard
     done: bool = False  # no more reply to come: played out, failed, empty, merged or superseded
+    apology: bool = False  # a turn of the agent's own (the busy message), not an answer
+    ended_at: float = 0.0  # when the end of the turn was decided
 
 
 class TurnMachine:
@@ -211,7 +218,7 @@ class TurnMachine:
         start = self._start_of(ev.start_frame)
         spec = self._spec
         if spec is not None and (spec.start_frame, spec.end_frame) == (start, ev.end_frame):
-            self._end_turn(spec.turn, start, ev.end_frame, "vad", ev.silence_ms, out)
+            self._end_turn(ev.now, spec.turn, start, ev.end_frame, "vad", ev.silence_ms, out)
             return
         if spec is not None:
             self._abandon(spec, "the utterance went on", out)
@@ -220,7 +227,7 @@ class TurnMachine:
             return  # the model already ended this turn; the VAD's timeout only confirms it
         self.turn += 1
         out.append(SubmitAsr(self.turn, start, ev.end_frame))
-        self._end_turn(self.turn, start, ev.end_frame, "vad", ev.silence_ms, out)
+        self._end_turn(ev.now, self.turn, start, ev.end_frame, "vad", ev.silence_ms, out)
 
     def _on_eot(self, ev: EotVerdict, out: list[Command]) -> None:
         complete = ev.prob >= self.cfg.eot_threshold
@@ -251,15 +258,16 @@ class TurnMachine:
             return
         silence_ms = (now - spec.paused_at) * 1000 + self.cfg.pause_ms
         if silence_ms + 1e-6 >= self.cfg.min_endpoint_ms:
-            self._end_turn(spec.turn, spec.start_frame, spec.end_frame, "model", silence_ms, out)
+            self._end_turn(now, spec.turn, spec.start_frame, spec.end_frame, "model", silence_ms, out)
 
     def _start_of(self, frame: int) -> int:
         return frame if self._merge_from is None else min(frame, self._merge_from)
 
     # ------------------------------------------------------------- the end of a turn
-    def _end_turn(self, turn: int, start: int, end: int, by: str, silence_ms: float, out: list[Command]) -> None:
+    def _end_turn(self, now: float, turn: int, start: int, end: int, by: str, silence_ms: float,
+                  out: list[Command]) -> None:
         self._merge_from = None
-        rec = self.turns[turn] = TurnRecord(turn, start, end)
+        rec = self.turns[turn] = TurnRecord(turn, start, end, ended_at=now)
         for old in [t for t in self.turns if t < turn - 8]:
             del self.turns[old]
         for old in [t for t in self._queued if t < turn - 8]:
@@ -367,7 +375,7 @@ class TurnMachine:
         if ev.last:
             rec.done = True
             text = "".join(rec.agent_text).strip()
-            if text and not rec.interrupted:
+            if text and not rec.interrupted and not rec.apology:
                 out.append(AppendAgentText(ev.turn, text))
             if self.phase == Phase.AGENT_SPEAKING and self._pending_barge is None:
                 self._set_phase(Phase.LISTENING, ev.turn, out)
@@ -377,8 +385,28 @@ class TurnMachine:
         self._job_lost(ev.turn, out)
 
     def _on_busy(self, ev: JobBusy, out: list[Command]) -> None:
+        """A job of `turn` came too late to its worker: tell the caller, never leave them in silence."""
+        out.append(Record("busy", ev.turn, {"stage": ev.stage}))
+        if ev.stage == "eot":
+            return  # only the end-of-turn verdict is lost: the VAD's timeout ends the turn anyway
+        spec = self._spec
+        if spec is not None and spec.turn == ev.turn:
+            # Work started at a pause came too late: drop it; the end of the turn queues its jobs anew.
+            self._abandon(spec, f"its {ev.stage} job was too late", out)
+            return
+        rec = self.turns.get(ev.turn)
+        if rec is None or rec.apology or rec.done or ev.turn <= self._cancelled and not rec.replying:
+            return
         out.append(Control({"type": "busy", "turn": ev.turn, "stage": ev.stage, "reason": ev.reason}))
+        if ev.turn > self._cancelled:
+            self._cancel(ev.turn, f"busy: the {ev.stage} job was too late", out)
         self._job_lost(ev.turn, out)
+        if self.cfg.busy_message and self._spec is None and self.phase != Phase.USER_SPEAKING:
+            self.turn += 1
+            say = self.turns[self.turn] = TurnRecord(self.turn, -1, -1, text="", replying=True, apology=True)
+            self.agent_turn = say.turn
+            out.append(Say(say.turn, self.cfg.busy_message))
+            self._set_phase(Phase.THINKING, say.turn, out)
 
     def _job_lost(self, turn: int, out: list[Command]) -> None:
         rec = self.turns.get(turn)
@@ -398,6 +426,12 @@ class TurnMachine:
     def _on_tick(self, ev: Tick, out: list[Command]) -> None:
         self._end_on_verdict(ev.now, out)
         self._rescore(ev.now, out)
+        rec = self.turns.get(self.turn)
+        if (rec is not None and not rec.done and not rec.heard and rec.turn > self._cancelled
+                and rec.turn not in self._queued and rec.ended_at
+                and (ev.now - rec.ended_at) * 1000 >= self.cfg.reply_timeout_ms):
+            self._on_busy(JobBusy(ev.now, rec.turn, "reply",
+                                  f"no answer {self.cfg.reply_timeout_ms / 1000:g} s after the end of the turn"), out)
         if self._speech_since is not None and self._pending_barge is None and self._audible(heard_only=True):
             if (ev.now - self._speech_since) * 1000 >= self.cfg.barge_in_min_speech_ms:
                 self._barge_in(ev.now, "vad", hard=False, out=out)

@@ -153,6 +153,7 @@ class CancelHub:
     async def _run(self) -> None:
         backoff = Backoff()
         first = True
+        subscribed_at: float | None = None
         while True:
             pubsub: Any = None
             own_client: aioredis.Redis | None = None
@@ -167,7 +168,7 @@ class CancelHub:
                     await self._resync()
                 first = False
                 self._ready.set()
-                backoff.reset()
+                subscribed_at = asyncio.get_running_loop().time()
                 while True:
                     msg = await pubsub.get_message(timeout=None)
                     if msg is None or msg.get("type") != "pmessage":
@@ -187,6 +188,9 @@ class CancelHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # whatever Redis did, the process must keep hearing cancels
+                if subscribed_at is not None and asyncio.get_running_loop().time() - subscribed_at > 10.0:
+                    backoff.reset()  # it had worked for a while: this is a new outage, start over quickly
+                subscribed_at = None
                 metrics.BUS_RECONNECTS.labels("cancel").inc()
                 _limited.warning(f"sub:{type(exc).__name__}", "cancel subscription lost (%s: %s); reconnecting",
                                  type(exc).__name__, exc)

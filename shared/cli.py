@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from redis.exceptions import RedisError
+
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`;
 # "module:x" names `add_x_arguments` / `run_x` instead (several commands in one module).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,6 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         return int(_entry(args._module, "run_{}")(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except RedisError as exc:  # wrong password, missing ACL permission, Redis down: one line, no traceback
+        print(f"voxbus {args.command}: {redis_error_text(exc)}", file=sys.stderr)
+        return 2
+
+
+def redis_error_text(exc: BaseException) -> str:
+    from redis.exceptions import AuthenticationError, NoPermissionError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from .redis_conn import redact_url, redis_url_from_env
+
+    url = redact_url(redis_url_from_env() or "")
+    if isinstance(exc, AuthenticationError):
+        return f"Redis at {url} refused the credentials ({exc}); check the user and password in REDIS_URL"
+    if isinstance(exc, NoPermissionError):
+        return f"the Redis user lacks a permission voxbus needs ({exc}); README \"Redis ACL\" lists them"
+    if isinstance(exc, RedisConnectionError):
+        return f"cannot reach Redis at {url} ({exc})"
+    return f"Redis error: {type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ class BridgeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Calls whose peer has not connected yet: at most max_pending_calls, each for connect_timeout_s.
     max_pending_calls: int = 16
     connect_timeout_s: float = 10.0
+    # Overload (README "Overload"): a job claimed later than this many seconds after it was queued is
+    # dropped by its worker and the caller hears busy_message ("" for none) and gets a `busy` message;
+    # new calls get 503 + Retry-After while a default pool's oldest queued job waits over
+    # admission_max_wait_ms.
+    job_deadline_s: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"asr": 5.0, "llm": 6.0, "tts": 8.0, "eot": 1.5})
+    busy_message: str = "Sorry, I'm a little busy right now. Could you say that again in a moment?"
+    admission_max_wait_ms: float = 3000.0
+    reply_timeout_ms: float = 15_000.0  # no agent audio this long after a turn ended: busy, as above
     # Every call ends after max_call_s, and after idle_timeout_s without any caller audio.
     max_call_s: float = 4 * 3600.0
     idle_timeout_s: float = 120.0

@@ -48,6 +48,7 @@ CONTROL_REJECTED = Counter("voxbus_control_rejected_total", "Client control mess
 INGEST_TICK_MS = Histogram("voxbus_ingest_tick_ms", "Bridge ingest tick duration", buckets=LATENCY_BUCKETS_MS)
 CONTEXT_TRIMS = Counter("voxbus_context_trims_total",
                         "Conversation contexts cut down to half their bound (the oldest messages dropped in one chunk)")
+TURNS_BUSY = Counter("voxbus_turns_busy_total", "Turns whose job a worker dropped as too late (overload)", ["stage"])
 TURNS_MERGED = Counter("voxbus_turns_merged_total",
                        "Turns whose reply was dropped because the caller went on before hearing it")
 EOT_DECISIONS = Counter("voxbus_eot_decisions_total", "End-of-turn model verdicts at pauses", ["verdict"])

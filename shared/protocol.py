@@ -295,6 +295,7 @@ class AsrJob(Message, tag="job.asr/1"):
     end_seq: int
     final: bool = True
     language: str | None = None
+    deadline: float = 0.0  # wall clock: a worker that claims the job later drops it (0: none)
 
 
 class EotJob(Message, tag="job.eot/1"):
@@ -303,6 +304,7 @@ class EotJob(Message, tag="job.eot/1"):
     turn: int
     start_seq: int
     end_seq: int
+    deadline: float = 0.0
 
 
 class Transcript(Message, tag="transcript/1"):
@@ -323,6 +325,7 @@ class LlmJob(Message, tag="job.llm/1"):
 
     turn: int
     max_tokens: int = 256
+    deadline: float = 0.0
 
 
 class TokenChunk(Message, tag="token/1"):
@@ -342,6 +345,7 @@ class TtsJob(Message, tag="job.tts/1"):
     turn: int
     text: str | None = None
     voice: str | None = None
+    deadline: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -383,6 +387,16 @@ class Cancelled(Message, tag="cancelled/1"):
     turn: int
     stage: str
     reason: str = "barge-in"
+
+
+class JobDropped(Message, tag="job.dropped/1"):
+    """Written into the session's events when a worker dropped a job claimed after its deadline
+    (the pool is overloaded): the bridge tells the caller instead of leaving them in silence."""
+
+    turn: int
+    stage: str
+    late_ms: float
+    pool: str = ""
 
 
 class JobFailed(Message, tag="job.failed/1"):
@@ -445,7 +459,7 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
 
 AnyMessage = Union[
     AudioFrame, SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
-    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage, EotJob,
+    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage, EotJob, JobDropped,
 ]
 Job = Union[AsrJob, LlmJob, TtsJob, EotJob]
 
@@ -508,7 +522,8 @@ def decode_worker(data: bytes) -> WorkerRecord:
 # Message types each session stream may carry (readers reject anything else).
 STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
     "audio.in": (AudioFrame,),
-    "events": (SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Transcript, TurnMark, Cancelled, JobFailed),
+    "events": (SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Transcript, TurnMark, Cancelled, JobFailed,
+               JobDropped),
     "tokens": (TokenChunk,),
     "audio.out": (AudioOut,),
 }

@@ -89,6 +89,18 @@ class Router:
             seen.add(pool.name)
         return route
 
+    async def overloaded(self, max_wait_ms: float) -> str | None:
+        """Why a new call should be refused now (a default pool's oldest queued job waited over
+        `max_wait_ms`), or None. Cached like the overflow figures."""
+        for stage in self.config.stages:
+            if stage == "eot":
+                continue  # a late verdict only falls back to the VAD timeout
+            pool = self.config.default_pool(stage)
+            stats = await self._stats_of(pool.name)
+            if stats.head_wait_ms > max_wait_ms:
+                return f"pool {pool.name} is {stats.head_wait_ms:.0f} ms behind (limit {max_wait_ms:.0f} ms)"
+        return None
+
     async def submit(self, publisher: BatchPublisher, stage: Stage, job: Job, override: str | None = None) -> Route:
         """Route and enqueue `job` through the publisher, so that it lands after the frames
         published before it; returns once Redis has it, and raises if Redis refused it

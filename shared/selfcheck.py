@@ -20,14 +20,19 @@ async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, 
     from .cancel import CancelHub, publish_cancel
     from .jobs import JobQueue, enqueue
     from .protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys
+    from redis.exceptions import NoPermissionError
+
     from .redis_conn import connect, redact_url, wait_ready
 
     results: list[tuple[str, bool, str]] = []
     redis = connect(url)
     try:
         await wait_ready(redis, 10, url)
-        info = await redis.info("server")
-        results.append(("redis", True, f"{redact_url(url)} (Redis {info.get('redis_version')})"))
+        try:
+            version = (await redis.info("server")).get("redis_version")
+        except NoPermissionError:  # a least-privilege ACL user has no INFO (README "Redis ACL"): not needed
+            version = "version not readable: no INFO permission"
+        results.append(("redis", True, f"{redact_url(url)} (Redis {version})"))
 
         run = uuid.uuid4().hex[:8]
         sids = [f"selfcheck-{run}-{i}" for i in range(sessions)]

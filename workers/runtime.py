@@ -38,7 +38,7 @@ from shared.logs import RateLimitedLog
 from shared.tasks import TaskSet, finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
-from shared.protocol import Cancelled, JobFailed, Keys, TurnMark, WorkerRecord
+from shared.protocol import Cancelled, JobDropped, JobFailed, Keys, TurnMark, WorkerRecord
 from shared.redis_conn import Backoff, connect, redact_url, wait_ready
 from workers import registry
 from workers.stages import Outcome, StageContext, StageHandler, create_handler
@@ -226,6 +226,17 @@ class Worker:
                 metrics.JOBS.labels(*self._labels, "rejected").inc()
                 return
             started = time.time()
+            if job.deadline and started > job.deadline:
+                # Overloaded: the caller has waited too long already; running it now would only make
+                # the next caller wait too. The bridge tells this caller instead (busy, apology).
+                late_ms = (started - job.deadline) * 1000
+                await self.publisher.publish(Keys.events(job.session), JobDropped(
+                    session=job.session, turn=job.turn, stage=stage, late_ms=round(late_ms, 1), pool=self.pool.name))
+                await self.queue.ack(d.entry_id)
+                metrics.JOBS.labels(*self._labels, "late").inc()
+                self._limited.warning("late", "worker %s: dropped job %s, %.0f ms past its deadline (overloaded)",
+                                      self.id, d.entry_id, late_ms)
+                return
             if d.deliveries == 1:  # a retry's wait would measure the failure, not the queue
                 wait_ms = max(0.0, (started - job.ts) * 1000)
                 self._waits.append(wait_ms)

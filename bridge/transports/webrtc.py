@@ -26,7 +26,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from shared import metrics
 from shared.config import BridgeConfig
 
-from ..core import Bridge, SessionExists, TooManySessions
+from ..core import Bridge, Overloaded, SessionExists, TooManySessions
 from ..session import CallSession
 from . import rtc_setup
 from .channels import ChannelSink, ControlChannel
@@ -224,6 +224,8 @@ class WebRtcTransport:
                 raise OfferError(503, "too_many_sessions", str(exc)) from None
             except SessionExists as exc:
                 raise OfferError(409, "session_exists", str(exc)) from None
+            except Overloaded as exc:
+                raise OfferError(503, "overloaded", str(exc)) from None
             except ValueError as exc:  # bad session id, unknown pool, pool of the wrong stage
                 raise OfferError(400, "bad_request", str(exc)) from None
             except Exception as exc:  # Redis unreachable, ...: the caller may retry

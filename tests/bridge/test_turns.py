@@ -23,6 +23,8 @@ def describe(cmd: ev.Command) -> str:
             return f"asr {turn} {start}-{end}"
         case ev.StartReply(turn, text):
             return f"reply {turn} {text}"
+        case ev.Say(turn, text):
+            return f"say {turn} {text}"
         case ev.ScoreTurn(turn, start, end):
             return f"score {turn} {start}-{end}"
         case ev.CancelTurn(turn, _):
@@ -156,7 +158,7 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "busy pool": [
         *said(0.0),
-        Step(ev.JobBusy(1.5, 0, "asr", "over its deadline"), ["control busy", "phase listening"]),
+        Step(ev.JobBusy(1.5, 0, "asr", "over its deadline"), ["control busy", "cancel 0", "phase listening"]),
     ],
     "duplicate and late tokens": [
         *said(0.0),
@@ -276,3 +278,44 @@ def test_the_model_is_asked_again_while_the_caller_stays_silent() -> None:
         Step(ev.EotVerdict(1.25, 0, 0.7), ["record turn_end 0 model"]),
         Step(ev.Tick(1.5), deny=["score"]),
     ], config)
+
+
+BUSY = TurnConfig(busy_message="Sorry, busy.", reply_timeout_ms=5000.0)
+
+
+def test_a_late_job_makes_the_agent_say_it_is_busy() -> None:
+    run([
+        *said(0.0),
+        Step(ev.JobBusy(2.0, 0, "asr", "the asr pool is overloaded"),
+             ["control busy", "cancel 0", "record busy 0", "say 1 Sorry, busy.", "phase thinking"]),
+        Step(ev.AudioQueued(2.5, 1)),
+        Step(ev.FramePlayed(2.6, 1, first=True), ["phase agent_speaking"]),
+        Step(ev.FramePlayed(4.0, 1, last=True), ["phase listening"], deny=["agent"]),  # not in the context
+    ], BUSY)
+    machine = run([*said(0.0), Step(ev.JobBusy(2.0, 0, "asr", "x"))], BUSY)
+    assert machine.agent_turn == 1  # the apology is the agent's own turn
+
+
+def test_a_late_end_of_turn_verdict_is_not_a_busy_agent() -> None:
+    run([*said(0.0), Step(ev.JobBusy(1.4, 0, "eot", "late"), ["record busy 0"], deny=["control busy", "cancel"])], BUSY)
+
+
+def test_silence_after_a_turn_becomes_busy_at_the_reply_timeout() -> None:
+    """A pool with no live worker never answers and never drops the job: the bridge notices itself."""
+    run([
+        *said(0.0),
+        Step(ev.TranscriptIn(1.5, 0, "Hello?"), ["reply 0 Hello?"]),
+        Step(ev.Tick(6.0), deny=["control busy"]),
+        Step(ev.Tick(6.4), ["control busy", "cancel 0"]),
+        Step(ev.Tick(7.0), deny=["control busy"]),
+    ], BUSY)
+
+
+def test_a_late_job_of_a_speculative_turn_only_drops_the_speculation() -> None:
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.1, 10, 60), ["asr 0 10-60"]),
+        Step(ev.JobBusy(1.2, 0, "asr", "late"), ["record preemptive 0 abandoned", "cancel 0"], deny=["control busy"]),
+        Step(ev.VadEnd(1.3, 10, 60, 300.0), ["asr 1 10-60", "phase thinking"]),
+        Step(ev.JobBusy(1.5, 1, "asr", "late"), ["control busy", "say 2 Sorry, busy."]),
+    ], BUSY)

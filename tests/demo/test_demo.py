@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,40 @@ def test_demo_answers_a_spoken_question_on_embedded_redis(tmp_path: Path) -> Non
     assert (tmp_path / "reply.wav").stat().st_size > 48_000  # more than half a second of reply audio
     assert "capital" in (tmp_path / "transcript.txt").read_text().lower()
     assert json.loads((tmp_path / "waterfall.json").read_text())["session_id"] == result["session_id"]
+
+
+CONVERSATION = ["What is the capital of Germany?", "And how many people live there?",
+                "Thanks. Can you spell the name of that city for me?"]
+
+
+def sentences(text: str) -> int:
+    return len([s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s])
+
+
+def test_demo_holds_a_three_question_conversation(tmp_path: Path) -> None:
+    """Three questions, one call: three turns (the pause inside "Thanks. Can you..." does not split it),
+    each reply at most two sentences, each row of the waterfall measured."""
+    args = [a for q in CONVERSATION for a in ("--say", q)]
+    result = parse(run_demo("--json", *args, "--gap", "0.8", "--out", str(tmp_path), timeout=420))
+    rows = result["turns"]
+    assert [r["question"] for r in rows] == [1, 2, 3], result
+    assert result["turns_answered"] == 3, result
+    for question, row in zip(CONVERSATION, rows):
+        assert wer(question, row["user_transcript"]) <= 0.25, row
+        assert row["agent_text"] and sentences(row["agent_text"]) <= 2, row
+        assert row["voice_to_voice_ms"] > row["response_ms"] > 0, row
+    assert len({r["turn"] for r in rows}) == 3
+    assert (tmp_path / "transcript.txt").read_text().count("caller: ") == 3
+
+
+def test_demo_keeps_the_first_word_under_noise(tmp_path: Path) -> None:
+    """Pink noise 15 dB below the speech: the transcript keeps "Could", and voice-to-voice is measured
+    from the clean input's end of speech (so it stays larger than the response time)."""
+    result = parse(run_demo("--json", "--say", "Could you recommend a good book for a long train ride?",
+                            "--noise", "15", "--out", str(tmp_path)))
+    assert result["noise_snr_db"] == 15.0
+    assert result["user_transcript"].lower().startswith("could"), result
+    assert result["voice_to_voice_ms"] > result["response_ms"] > 0, result
 
 
 def test_demo_barge_in_leaves_no_stale_frames(tmp_path: Path) -> None:

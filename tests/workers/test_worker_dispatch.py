@@ -7,6 +7,7 @@ this process against the same Redis, as the bridge would run it.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from worker_support import (
@@ -25,6 +26,7 @@ from shared.bus import BatchPublisher
 from shared.config import load_config
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import (
+    JobDropped,
     JobFailed,
     Keys,
     LlmJob,
@@ -211,3 +213,24 @@ async def test_no_overflow_to_a_fallback_without_live_workers(redis, cluster, ui
     await cluster.start(nobody)  # once the fallback has a live worker, the overflow happens
     route = await router.choose("llm", override=lonely)
     assert route.pool == nobody and route.overflowed_from == lonely and route.reason.startswith("queue wait"), route
+
+
+async def test_a_job_claimed_past_its_deadline_is_dropped_and_the_session_told(redis, cluster, uid):
+    """Overload: a job that waited longer than its deadline is not run (that would only delay the next
+    caller too); the session gets a JobDropped event, and the worker counts it."""
+    pool = cluster.pool("late", options={"step_ms": 10, "tokens": 3})
+    worker = await cluster.start(pool)
+    late, fresh = f"late-{uid}", f"fresh-{uid}"
+    await start_session(redis, late)
+    await start_session(redis, fresh)
+    await enqueue(redis, pool, LlmJob(session=late, turn=0, deadline=time.time() - 2.0))
+    await enqueue(redis, pool, LlmJob(session=fresh, turn=0, deadline=time.time() + 30.0))
+    complete_text(await wait_final(redis, fresh))
+    dropped = await wait_until(lambda: _dropped(redis, late), 10, "a JobDropped event")
+    assert dropped[0].stage == "llm" and dropped[0].late_ms >= 2000 and dropped[0].pool == pool
+    assert await tokens(redis, late) == [] and await total_pending(redis, pool) == 0
+    assert worker.alive
+
+
+async def _dropped(redis, sid: str):
+    return [e for e in await events(redis, sid) if isinstance(e, JobDropped)]
