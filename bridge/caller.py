@@ -221,7 +221,7 @@ class RtcClient:
     def received_pcm(self) -> np.ndarray:
         return np.concatenate(self.pcm) if self.pcm else np.zeros(0, dtype=np.int16)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self.mic.stop()
         await self.pc.close()
         for task in self._tasks:

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def _main(args: argparse.Namespace) -> int:
     from shared.config import load_config
-    from shared.embedded_redis import redis_url_or_embedded
+    from shared.admin.embedded_redis import redis_url_or_embedded
 
     from .core import Bridge
     from .transports import create
@@ -70,8 +70,8 @@ async def _main(args: argparse.Namespace) -> int:
             for t in done:
                 t.result()  # surfaces e.g. an unreachable LiveKit server
         finally:
-            await transport.stop()
-            await bridge.stop()
+            await transport.aclose()
+            await bridge.aclose()
     if bridge.tasks.failure:
         log.critical("bridge stopped: %s", bridge.tasks.failure)
         return 70  # EX_SOFTWARE: the orchestrator restarts it

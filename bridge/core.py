@@ -25,6 +25,7 @@ from shared.bus import BatchPublisher, StreamMux, session_of
 from shared.config import BridgeConfig, Config
 from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
 from shared.logs import RateLimitedLog
+from shared.memory import release_free_memory
 from shared.redis_conn import connect, wait_ready
 from shared.tasks import TaskSet
 from shared.routing import Router
@@ -79,6 +80,7 @@ class Bridge:
         self.id = f"bridge-{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = asyncio.Event()
         self._next_limits_check = 0.0
+        self._next_trim = time.time() + 60.0
 
     @property
     def bridge_config(self) -> BridgeConfig:
@@ -96,12 +98,12 @@ class Bridge:
         self.tasks.spawn(self._reader_loop(), "reader", vital=True)
         self.started.set()
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         for sid in list(self.sessions):
             await self.close_session(sid)
         await self.tasks.aclose()
         await self.mux.aclose()
-        await self.publisher.close()
+        await self.publisher.aclose()
         await self.redis.aclose()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -229,6 +231,9 @@ class Bridge:
         if now >= self._next_limits_check:
             self._next_limits_check = now + 1.0
             self._check_limits(now)
+        if now >= self._next_trim:
+            self._next_trim = now + 60.0
+            await asyncio.to_thread(release_free_memory)
 
     def _check_limits(self, now: float) -> None:
         """End calls past their maximum duration, or silent (no caller audio at all) too long."""

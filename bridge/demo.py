@@ -80,7 +80,7 @@ async def run_call(stack: Any, questions: list[np.ndarray], barge_in_at: float |
         result["_audio"] = caller.received_pcm()
         return result
     finally:
-        await caller.close()
+        await caller.aclose()
 
 
 async def _barge_in(caller: Any, session: Any, at: float, turn: int) -> dict[str, Any]:

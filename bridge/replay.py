@@ -36,7 +36,7 @@ from shared.protocol import (
     encode,
     frame_entry_id,
 )
-from shared.recording import Recording, RecordingError, load
+from shared.admin.recording import Recording, RecordingError, load
 from shared.wer import wer
 
 
@@ -132,7 +132,7 @@ async def replay_session(redis_url: str, config: Any, rec: Recording, speed: str
         player.cancel()
         return sid, now
     finally:
-        await bridge.stop()
+        await bridge.aclose()
 
 
 async def _play(session: Any, frames_per_tick: int) -> None:

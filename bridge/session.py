@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -35,7 +34,6 @@ from shared.protocol import (
     ChatMessage,
     EotDecision,
     EotJob,
-    Interrupt,
     JobDropped,
     JobFailed,
     Keys,
@@ -56,6 +54,7 @@ from . import turn_events as ev
 from .audio import Framer
 from .playout import OutFrame, Playout
 from .turns import TurnConfig, TurnMachine
+from .session_records import record
 from .waterfall import TurnTimes
 
 if TYPE_CHECKING:
@@ -66,6 +65,7 @@ log = logging.getLogger("voxbus.session")
 TurnState = ev.Phase  # the name the transports and tests use
 EOT_PRE_SPEECH_FRAMES = 25  # the end-of-turn model hears 500 ms before the utterance, as pipecat feeds it
 EOT_WINDOW_FRAMES = 400  # and at most its last 8 s (the model's window)
+FRAME_TS_RING = 512  # ~10 s of frame capture times: the end of speech is never older when its turn ends
 
 
 class ClientSink(Protocol):
@@ -129,7 +129,9 @@ class CallSession:
         self._framer = Framer(FRAME_SAMPLES)
         self._frames: list[tuple[int, bytes, float]] = []
         self._seq = 0
-        self._frame_ts: dict[int, float] = {}
+        # Capture time of the recent caller frames, by seq modulo the ring (the end of speech of a
+        # turn is looked up here): 4 KB a session instead of a dict of thousands of floats.
+        self._frame_ts = np.zeros(FRAME_TS_RING, dtype=np.float64)
         self._user_entries: dict[int, bytes] = {}  # turn -> its user message in the context
         self._heard_turns: set[int] = set()  # turns cut by a barge-in: their context entry is what was heard
 
@@ -192,11 +194,14 @@ class CallSession:
         frames, self._frames = self._frames, []
         frame_ts = self._frame_ts
         for seq, _, ts in frames:
-            frame_ts[seq] = ts
-        if len(frame_ts) > 3000:  # seqs arrive in order, so the dict's first keys are the oldest
-            for seq in list(islice(frame_ts, 1500)):
-                del frame_ts[seq]
+            frame_ts[seq % FRAME_TS_RING] = ts
         return frames
+
+    def frame_ts(self, seq: int) -> float | None:
+        """When caller frame `seq` was captured, if it is recent enough to be remembered."""
+        if not 0 <= self._seq - 1 - seq < FRAME_TS_RING:
+            return None
+        return float(self._frame_ts[seq % FRAME_TS_RING]) or None
 
     async def on_vad(self, event: SpeechStart | SpeechPause | SpeechEnd) -> None:
         self.host.publisher.publish_nowait(Keys.events(self.id), event)
@@ -338,39 +343,8 @@ class CallSession:
         return t.heard_text
 
     def _record(self, cmd: ev.Record) -> None:
-        """Into the session's events (the recording) and the metrics."""
-        publish = self.host.publisher.publish_nowait
-        events = Keys.events(self.id)
-        kind, turn, data = cmd.kind, cmd.turn, cmd.data
-        if kind == "turn_end":
-            t = self._times(turn)
-            t.endpoint_ts = time.time()
-            t.speech_end_ts = self._frame_ts.get(data["end_frame"], t.endpoint_ts)
-            t.endpoint_ms, t.endpoint_by = data["silence_ms"], data["by"]
-            metrics.ENDPOINTING_MS.observe(data["silence_ms"])
-            metrics.TURN_ENDS.labels(data["by"]).inc()
-            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"end_{data['by']}",
-                                     value_ms=data["silence_ms"]))
-        elif kind == "eot":
-            self._times(turn).eot_prob = data["prob"]
-            metrics.EOT_DECISIONS.labels("complete" if data["complete"] else "incomplete").inc()
-            metrics.EOT_PROB.observe(data["prob"])
-        elif kind == "preemptive":
-            metrics.PREEMPTIVE_TURNS.labels(data["outcome"]).inc()
-            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"preemptive_{data['outcome']}"))
-        elif kind == "interrupt":
-            metrics.BARGE_INS.labels(data["source"]).inc()
-            publish(events, Interrupt(session=self.id, source=data["source"], turn=turn))
-            log.info("session %s: %s barge-in on turn %d", self.id, data["source"], turn)
-        elif kind == "false_interruption":
-            metrics.FALSE_INTERRUPTIONS.inc()
-            publish(events, TurnMark(session=self.id, turn=turn, stage="bridge", mark="false_interruption"))
-        elif kind == "busy":
-            metrics.TURNS_BUSY.labels(data["stage"]).inc()
-            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark=f"busy_{data['stage']}"))
-        elif kind == "merged":
-            metrics.TURNS_MERGED.inc()
-            publish(events, TurnMark(session=self.id, turn=turn, stage="turn", mark="merged"))
+        """Into the session's events (the recording), the metrics and the waterfall."""
+        record(self.host.publisher, self.id, cmd, self._times(cmd.turn), self.frame_ts)
 
     async def _submit(self, stage: str, job: Any, *, deadline: bool = True) -> None:
         limit = self.cfg.job_deadline_s.get(stage) if deadline else None

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from shared.config import ALL_STAGES, STAGES, Config, PoolConfig, load_config
-from shared.embedded_redis import redis_url_or_embedded
+from shared.admin.embedded_redis import redis_url_or_embedded
 from shared.exits import describe_exit
 from shared.redis_conn import connect, redact_url
 
@@ -74,7 +74,7 @@ async def start_workers(redis_url: str, config: Config, pools_file: str | None, 
                         verbose: bool = False, timeout_s: float = 600.0, check: bool = True) -> list[WorkerProcess]:
     """One worker process per pool of the file (or of `only`); returns once all are registered.
     `check`: refuse a selection that leaves a stage the bridge needs without a pool."""
-    from workers import registry
+    from shared import registry
 
     procs: list[WorkerProcess] = []
     env = dict(os.environ, REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
@@ -105,7 +105,7 @@ async def start_workers(redis_url: str, config: Config, pools_file: str | None, 
                     raise StackError(
                         f"the {p.stage} worker (pool {p.pool}) {describe_exit(p.proc.returncode)} while starting:\n"
                         f"    {tail}\n{advice}".rstrip())
-                if await registry.live_worker_ids(redis, p.pool, 5.0):
+                if await registry.live_worker_ids(redis, p.pool):
                     p.ready_at = time.monotonic()
                     status(p.stage, "ready", f"pool {p.pool} (pid {p.proc.pid})")
             if time.monotonic() > deadline:
@@ -168,7 +168,7 @@ async def local_stack(pools_file: str | None = None, redis_url: str | None = Non
             yield Stack(url, config, workers, bridge, transport, transport.page_url, transport.token)
         finally:
             if transport is not None:
-                await transport.stop()
-            await bridge.stop()
+                await transport.aclose()
+            await bridge.aclose()
             await stop_workers(workers)
             status("stack", "stopped")

@@ -35,16 +35,12 @@ The caller going on. After the end of a turn:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from .turn_events import (
-    AppendAgentText,
     AudioQueued,
-    CancelTurn,
     ClientInterrupt,
     Command,
-    CommitHeard,
     Control,
     EotVerdict,
     Event,
@@ -56,11 +52,7 @@ from .turn_events import (
     Playout,
     Record,
     RemoveUserText,
-    Say,
     ScoreTurn,
-    SendTokens,
-    SetPhase,
-    StartReply,
     SubmitAsr,
     Tick,
     TokenIn,
@@ -70,103 +62,19 @@ from .turn_events import (
     VadResume,
     VadStart,
 )
+from .turn_replies import ReplyRules
+from .turn_state import Spec, TurnConfig, TurnRecord
 
-# ------------------------------------------------------------------ configuration and state
-
-
-@dataclass(frozen=True, slots=True)
-class TurnConfig:
-    barge_in_min_speech_ms: float = 200.0
-    false_interrupt_timeout_ms: float = 1500.0
-    # "none": the VAD's silence timeout ends a turn. Anything else names an end-of-turn model that
-    # scores each pause: a probability >= eot_threshold ends the turn once min_endpoint_ms of
-    # silence has passed; otherwise the VAD's (longer) timeout does.
-    eot: str = "none"
-    eot_threshold: float = 0.5
-    min_endpoint_ms: float = 0.0
-    # While the caller stays silent after an "incomplete" verdict, ask again this often (the model
-    # hears the growing silence): 0 asks once per pause.
-    rescore_ms: float = 200.0
-    pause_ms: float = 100.0  # the silence at which a VadPause arrives
-    max_merge_ms: float = 30_000.0  # a continuation joins the turn before it only within this span
-    busy_message: str = ""  # said when a job of a turn was dropped for lateness ("" : only a control message)
-    # No agent audio this long after the end of a turn (a pool without a live worker, a lost job):
-    # the caller is told, as for a late job, instead of waiting in silence.
-    reply_timeout_ms: float = 15_000.0
-    frame_ms: float = 20.0
+__all__ = ["TurnConfig", "TurnMachine", "TurnRecord"]
 
 
-@dataclass
-class _Spec:
-    """A turn started at a pause, not yet confirmed by the end of the turn."""
-
-    turn: int
-    start_frame: int
-    end_frame: int
-    paused_at: float
-    transcript: str | None = None
-    generating: bool = False
-    held_tokens: list[TokenIn] = field(default_factory=list)
-    prob: float | None = None  # the end-of-turn model's latest verdict
-    scoring: bool = False  # a ScoreTurn is out
-    scored_at: float = 0.0  # when the latest ScoreTurn went out
-
-
-@dataclass
-class TurnRecord:
-    """What the machine knows of a user turn whose end was decided."""
-
-    turn: int
-    start_frame: int
-    end_frame: int
-    text: str | None = None  # final transcript (None: not yet)
-    replying: bool = False  # its LLM/TTS jobs were queued
-    agent_text: list[str] = field(default_factory=list)
-    token_seq: int = 0
-    heard: bool = False  # a frame of its reply reached the caller
-    interrupted: bool = False  # cut by a barge-in: the context holds what was heard
-    done: bool = False  # no more reply to come: played out, failed, empty, merged or superseded
-    apology: bool = False  # a turn of the agent's own (the busy message), not an answer
-    ended_at: float = 0.0  # when the end of the turn was decided
-
-
-class TurnMachine:
-    def __init__(self, config: TurnConfig | None = None) -> None:
-        self.cfg = config or TurnConfig()
-        self.phase = Phase.LISTENING
-        self.turn = -1  # the latest turn id handed out
-        self.agent_turn = -1  # the turn whose reply is being produced or played
-        self.turns: dict[int, TurnRecord] = {}
-        self._spec: _Spec | None = None
-        self._speech_since: float | None = None  # the caller has been speaking since (VAD), else None
-        self._merge_from: int | None = None  # start frame of the turn a continuation joins
-        self._pending_barge: tuple[int, float] | None = None  # (turn, deadline) of a soft VAD barge-in
-        self._paused = False  # playout paused by a soft barge-in
-        self._cancelled = -1  # the work of turns up to this one was cancelled
-        self._flushed = -1  # playout of turns up to this one was dropped
-        self._queued: set[int] = set()  # turns with agent audio queued and not all played
-
-    @property
-    def speculating(self) -> int | None:
-        return self._spec.turn if self._spec else None
+class TurnMachine(ReplyRules):
 
     def handle(self, event: Event) -> list[Command]:
         out: list[Command] = []
         _HANDLERS[type(event)](self, event, out)
         return out
 
-    def _audible(self, heard_only: bool = False) -> bool:
-        """Agent audio is playing or queued to play (held speculative audio does not count)."""
-        spec = self._spec.turn if self._spec else None
-        for turn in self._queued:
-            if turn <= self._flushed or turn == spec:
-                continue
-            rec = self.turns.get(turn)
-            if not heard_only or (rec is not None and rec.heard):
-                return True
-        return False
-
-    # ------------------------------------------------------------- VAD
     def _on_vad_start(self, ev: VadStart, out: list[Command]) -> None:
         self._speech_since = ev.now
         self._caller_went_on(ev.frame, out)
@@ -206,7 +114,7 @@ class TurnMachine:
             self._abandon(self._spec, "a newer pause", out)
         start = self._start_of(ev.start_frame)
         self.turn += 1
-        spec = self._spec = _Spec(self.turn, start, ev.end_frame, ev.now)
+        spec = self._spec = Spec(self.turn, start, ev.end_frame, ev.now)
         out.append(Playout("hold", spec.turn))
         out.append(SubmitAsr(spec.turn, start, ev.end_frame))
         out.append(Record("preemptive", spec.turn, {"outcome": "started"}))
@@ -239,7 +147,7 @@ class TurnMachine:
         spec.scoring = False
         self._end_on_verdict(ev.now, out)
 
-    def _score(self, spec: _Spec, now: float, out: list[Command]) -> None:
+    def _score(self, spec: Spec, now: float, out: list[Command]) -> None:
         spec.scoring, spec.scored_at = True, now
         out.append(ScoreTurn(spec.turn, spec.start_frame, spec.end_frame))
 
@@ -264,6 +172,7 @@ class TurnMachine:
         return frame if self._merge_from is None else min(frame, self._merge_from)
 
     # ------------------------------------------------------------- the end of a turn
+
     def _end_turn(self, now: float, turn: int, start: int, end: int, by: str, silence_ms: float,
                   out: list[Command]) -> None:
         self._merge_from = None
@@ -288,141 +197,6 @@ class TurnMachine:
         for token in spec.held_tokens:
             self._on_token(token, out)
 
-    def _abandon(self, spec: _Spec, why: str, out: list[Command]) -> None:
-        self._spec = None
-        out.append(Playout("release", -1))
-        out.append(Playout("flush", spec.turn))
-        self._flushed = max(self._flushed, spec.turn)
-        self._cancel(spec.turn, f"speculation: {why}", out)
-        if spec.generating:
-            out.append(RemoveUserText(spec.turn))
-        if self.agent_turn == spec.turn:
-            self.agent_turn = -1
-        out.append(Record("preemptive", spec.turn, {"outcome": "abandoned", "why": why}))
-
-    def _cancel(self, turn: int, reason: str, out: list[Command]) -> None:
-        self._cancelled = max(self._cancelled, turn)
-        out.append(CancelTurn(turn, reason))
-
-    # ------------------------------------------------------------- ASR, LLM and TTS results
-    def _on_transcript(self, ev: TranscriptIn, out: list[Command]) -> None:
-        if not ev.final:
-            out.append(Control({"type": "transcript", "role": "user", "final": False, "text": ev.text, "turn": ev.turn}))
-            return
-        spec = self._spec
-        if spec is not None and spec.turn == ev.turn:
-            spec.transcript = ev.text
-            if ev.text.strip() and not spec.generating:
-                spec.generating = True  # start the reply now; its tokens and audio wait for the end of the turn
-                self.agent_turn = ev.turn
-                out.append(StartReply(ev.turn, ev.text))
-            return
-        rec = self.turns.get(ev.turn)
-        if rec is None or rec.text is not None:
-            return  # an abandoned speculation's transcript, or a duplicate
-        self._final_transcript(rec, ev.text, out)
-
-    def _final_transcript(self, rec: TurnRecord, text: str, out: list[Command]) -> None:
-        rec.text = text
-        out.append(Control({"type": "transcript", "role": "user", "final": True, "text": text, "turn": rec.turn}))
-        if rec.done:
-            return
-        if not text.strip():
-            rec.done = True
-            if rec.turn == self.turn and self.phase == Phase.THINKING and self._pending_barge is None:
-                self._set_phase(Phase.LISTENING, rec.turn, out)
-            return
-        if self._pending_barge is not None and rec.turn > self._pending_barge[0]:
-            self._confirm_barge_in(out)
-        if rec.turn < self.turn:
-            rec.done = True
-            return  # the caller already spoke again; the newer utterance gets the reply
-        if rec.replying:
-            return  # a confirmed speculative turn: its reply is on its way
-        rec.replying = True
-        self.agent_turn = rec.turn
-        out.append(StartReply(rec.turn, text))
-        if self.phase in (Phase.LISTENING, Phase.THINKING):
-            self._set_phase(Phase.THINKING, rec.turn, out)
-
-    def _on_token(self, ev: TokenIn, out: list[Command]) -> None:
-        if ev.turn != self.agent_turn or ev.turn <= self._cancelled:
-            return
-        spec = self._spec
-        if spec is not None and spec.turn == ev.turn:
-            spec.held_tokens.append(ev)  # the caller sees them once the turn is confirmed
-            return
-        rec = self.turns.get(ev.turn)
-        if rec is None or ev.seq < rec.token_seq:
-            return  # a duplicate from a re-run job
-        rec.token_seq = ev.seq + 1
-        rec.agent_text.append(ev.text)
-        out.append(SendTokens(ev.turn, ev.seq, ev.text, ev.final))
-
-    def _on_audio_queued(self, ev: AudioQueued, out: list[Command]) -> None:
-        if ev.turn > self._flushed:
-            self._queued.add(ev.turn)
-
-    def _on_frame_played(self, ev: FramePlayed, out: list[Command]) -> None:
-        rec = self.turns.get(ev.turn)
-        if ev.last:
-            self._queued.discard(ev.turn)
-        if rec is None:
-            return
-        if ev.first:
-            rec.heard = True
-            self._set_phase(Phase.AGENT_SPEAKING, ev.turn, out)
-        if ev.last:
-            rec.done = True
-            text = "".join(rec.agent_text).strip()
-            if text and not rec.interrupted and not rec.apology:
-                out.append(AppendAgentText(ev.turn, text))
-            if self.phase == Phase.AGENT_SPEAKING and self._pending_barge is None:
-                self._set_phase(Phase.LISTENING, ev.turn, out)
-
-    def _on_job_failed(self, ev: JobFailedIn, out: list[Command]) -> None:
-        out.append(Control({"type": "error", "turn": ev.turn, "stage": ev.stage, "reason": ev.reason}))
-        self._job_lost(ev.turn, out)
-
-    def _on_busy(self, ev: JobBusy, out: list[Command]) -> None:
-        """A job of `turn` came too late to its worker: tell the caller, never leave them in silence."""
-        out.append(Record("busy", ev.turn, {"stage": ev.stage}))
-        if ev.stage == "eot":
-            return  # only the end-of-turn verdict is lost: the VAD's timeout ends the turn anyway
-        spec = self._spec
-        if spec is not None and spec.turn == ev.turn:
-            # Work started at a pause came too late: drop it; the end of the turn queues its jobs anew.
-            self._abandon(spec, f"its {ev.stage} job was too late", out)
-            return
-        rec = self.turns.get(ev.turn)
-        if rec is None or rec.apology or rec.done or ev.turn <= self._cancelled and not rec.replying:
-            return
-        out.append(Control({"type": "busy", "turn": ev.turn, "stage": ev.stage, "reason": ev.reason}))
-        if ev.turn > self._cancelled:
-            self._cancel(ev.turn, f"busy: the {ev.stage} job was too late", out)
-        self._job_lost(ev.turn, out)
-        if self.cfg.busy_message and self._spec is None and self.phase != Phase.USER_SPEAKING:
-            self.turn += 1
-            say = self.turns[self.turn] = TurnRecord(self.turn, -1, -1, text="", replying=True, apology=True)
-            self.agent_turn = say.turn
-            out.append(Say(say.turn, self.cfg.busy_message))
-            self._set_phase(Phase.THINKING, say.turn, out)
-
-    def _job_lost(self, turn: int, out: list[Command]) -> None:
-        rec = self.turns.get(turn)
-        if rec is not None and not rec.heard:
-            rec.done = True
-        if turn in (self.agent_turn, self.turn) and self.phase in (Phase.THINKING, Phase.AGENT_SPEAKING):
-            self._set_phase(Phase.LISTENING, turn, out)
-
-    def _on_job_cancelled(self, ev: JobCancelledIn, out: list[Command]) -> None:
-        out.append(Control({"type": "cancelled", "turn": ev.turn, "stage": ev.stage}))
-
-    # ------------------------------------------------------------- barge-in and timers
-    def _on_interrupt(self, ev: ClientInterrupt, out: list[Command]) -> None:
-        if self.phase in (Phase.THINKING, Phase.AGENT_SPEAKING) or self._audible():
-            self._barge_in(ev.now, "client", hard=True, out=out)
-
     def _on_tick(self, ev: Tick, out: list[Command]) -> None:
         self._end_on_verdict(ev.now, out)
         self._rescore(ev.now, out)
@@ -445,43 +219,6 @@ class TurnMachine:
                 out.append(Control({"type": "false_interruption", "turn": turn}))
                 if self._audible():
                     self._set_phase(Phase.AGENT_SPEAKING, turn, out)
-
-    def _barge_in(self, now: float, source: str, hard: bool, out: list[Command]) -> None:
-        turn = self.agent_turn if self.agent_turn >= 0 else self.turn
-        out.append(Record("interrupt", turn, {"source": source}))
-        if hard:
-            self._flush_heard(turn, out)
-            self._pending_barge = None
-        else:
-            self._paused = True
-            out.append(Playout("pause"))
-            self._pending_barge = (turn, now + self.cfg.false_interrupt_timeout_ms / 1000)
-        self._cancel(turn, f"barge-in ({source})", out)
-        out.append(Control({"type": "interrupted", "turn": turn, "source": source, "ts": now}))
-        self._set_phase(Phase.USER_SPEAKING if source == "vad" else Phase.LISTENING, turn, out)
-
-    def _confirm_barge_in(self, out: list[Command]) -> None:
-        assert self._pending_barge is not None
-        turn, _ = self._pending_barge
-        self._pending_barge = None
-        self._flush_heard(turn, out)
-
-    def _flush_heard(self, turn: int, out: list[Command]) -> None:
-        """Drop the rest of `turn`'s audio; the context then holds what the caller heard of it."""
-        out.append(Playout("flush", turn))
-        self._flushed = max(self._flushed, turn)
-        if self._paused:
-            self._paused = False
-            out.append(Playout("resume"))
-        rec = self.turns.get(turn)
-        if rec is not None and not rec.interrupted:
-            rec.interrupted = rec.done = True
-            out.append(CommitHeard(turn))
-
-    def _set_phase(self, phase: Phase, turn: int, out: list[Command]) -> None:
-        if phase != self.phase:
-            self.phase = phase
-            out.append(SetPhase(phase, turn))
 
 
 _HANDLERS: dict[type, Any] = {

@@ -34,7 +34,8 @@ from redis.backoff import NoBackoff
 
 from . import metrics
 from .logs import RateLimitedLog
-from .protocol import PREFIX, Cancel, Keys, ProtocolError, decode_as, encode
+from .bus.entries import count_rejected
+from .protocol import PREFIX, Cancel, Keys, ProtocolError, RejectReason, decode_as, encode
 from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, mget, node_client
 from .tasks import finish_task
 
@@ -107,7 +108,7 @@ class CancelHub:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="voxbus-cancel-hub")
         await self._ready.wait()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._task:
             await finish_task(self._task, grace_s=0)
             self._task = None
@@ -176,12 +177,12 @@ class CancelHub:
                     try:
                         cancel = decode_as(msg["data"], Cancel)
                     except ProtocolError as exc:
-                        metrics.BUS_REJECTED.labels("cancel", "malformed").inc()
+                        count_rejected("cancel", exc.reason)
                         log.warning("ignored malformed cancel on %r: %s", msg.get("channel"), exc)
                         continue
                     channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
                     if channel != Keys.cancel_channel(cancel.session):
-                        metrics.BUS_REJECTED.labels("cancel", "wrong channel").inc()
+                        count_rejected("cancel", RejectReason.WRONG_CHANNEL)
                         continue  # a cancel naming session A sent on B's channel affects nobody
                     metrics.CANCELS_RECEIVED.inc()
                     self._dispatch(cancel)

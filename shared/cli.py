@@ -1,7 +1,8 @@
 """The `voxbus` command: one entry point, one subcommand per job.
 
-Subcommands are imported only when run, so `voxbus worker` on a GPU image
-never imports the WebRTC stack and vice versa.
+Only the subcommand being run is imported (its arguments too are defined in
+its own module), so `voxbus worker` on a GPU image never imports the WebRTC
+stack and vice versa; tests/test_cli.py checks that.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from redis.exceptions import RedisError
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`;
 # "module:x" names `add_x_arguments` / `run_x` instead (several commands in one module).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "selfcheck": ("shared.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
+    "selfcheck": ("shared.admin.selfcheck", "check the bus end to end against Redis (embedded if no REDIS_URL)"),
     "demo": ("bridge.demo", "run the whole stack and a simulated caller; print the latency waterfall"),
-    "up": ("bridge.demo:up", "run Redis, one CPU worker per stage and the bridge with its page (Ctrl-C stops)"),
-    "worker": ("workers.cli", "run one pool's worker process (ASR, LLM or TTS)"),
+    "up": ("bridge.demo:up", "run Redis, a worker per pool of the pools file and the bridge with its page (Ctrl-C stops)"),
+    "worker": ("workers.cli", "run one pool's worker process (ASR, LLM, TTS or end of turn)"),
     "bridge": ("bridge.cli", "run a bridge with the direct WebRTC transport and its caller page"),
-    "exporter": ("shared.exporter", "export per-pool queue depth, lag and workers to Prometheus"),
-    "top": ("shared.top", "live terminal view of pools, workers, queues and sessions"),
-    "record": ("shared.recording", "export a session (its streams and context) to one file"),
-    "sessions": ("shared.recording:sessions", "list recent sessions with duration, turns and outcome"),
+    "exporter": ("shared.admin.exporter", "export per-pool queue depth, lag and workers to Prometheus"),
+    "top": ("shared.admin.top", "live terminal view of pools, workers, queues and sessions"),
+    "record": ("shared.admin.recording", "export a session (its streams and context) to one file"),
+    "sessions": ("shared.admin.recording:sessions", "list recent sessions with duration, turns and outcome"),
     "replay": ("bridge.replay", "replay a recorded session against today's workers and compare turn by turn"),
 }
 
@@ -35,19 +36,26 @@ def _entry(target: str, pattern: str):
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported to define its arguments (None: none is)."""
     parser = argparse.ArgumentParser(prog="voxbus", description="Real-time voice agents over Redis Streams.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        _entry(module, "add_{}arguments")(p)
+        if name == command:
+            _entry(module, "add_{}arguments")(p)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,15 +16,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from . import metrics
-from .bus import dead_letter, reject_label
+from .bus.entries import count_rejected, dead_letter
 from .protocol import (
     ENTRY_FIELD,
     MAX_ENTRY_BYTES,
     DeadLetter,
     Job,
     Keys,
-    ProtocolError,
     STAGE_JOB,
+    ProtocolError,
+    RejectReason,
     decode_entry,
     encode,
     maxlen_for,
@@ -186,9 +187,9 @@ class JobQueue:
         await self.redis.hset(self.errors, delivery.entry_id, reason[:2000])
         return False
 
-    async def reject(self, delivery: Delivery, reason: str) -> None:
+    async def reject(self, delivery: Delivery, why: RejectReason, reason: str) -> None:
         """Dead-letter a job that must not run at all (e.g. its session does not exist)."""
-        metrics.BUS_REJECTED.labels("jobs", reject_label(reason)).inc()
+        count_rejected("jobs", why)
         await self._dead_letter(delivery.entry_id, encode(delivery.job), reason, delivery.deliveries)
 
     async def release(self, entry_id: str) -> None:
@@ -219,11 +220,11 @@ class JobQueue:
         try:
             job = decode_entry(fields)
             if self.job_type is not None and not isinstance(job, self.job_type):
-                raise ProtocolError(f"{type(job).__name__} in a {self.job_type.__name__} pool")
+                raise ProtocolError(f"{type(job).__name__} in a {self.job_type.__name__} pool", RejectReason.WRONG_TYPE)
             if not isinstance(job, tuple(STAGE_JOB.values())):
-                raise ProtocolError(f"{type(job).__name__} is not a job")
+                raise ProtocolError(f"{type(job).__name__} is not a job", RejectReason.WRONG_TYPE)
         except ProtocolError as exc:
-            metrics.BUS_REJECTED.labels("jobs", reject_label(str(exc))).inc()
+            count_rejected("jobs", exc.reason)
             payload = fields.get(ENTRY_FIELD) or b"".join(k + b"=" + v for k, v in fields.items())
             await self._dead_letter(eid, payload, f"malformed: {exc}", deliveries)
             return None

@@ -12,6 +12,7 @@ session's streams live on one slot; per-pool job streams are single keys.
 
 from __future__ import annotations
 
+import enum
 import re
 import time
 from typing import Any, Literal, Union
@@ -36,14 +37,38 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _POOL_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
+class RejectReason(str, enum.Enum):
+    """Why an entry was refused: the `reason` label of voxbus_bus_rejected_total, and the dead letter's kind.
+
+    Set where the refusal is decided (never guessed from an error's wording), so
+    rewording a message cannot change a metric label.
+    """
+
+    UNDECODABLE = "undecodable"  # not msgpack, truncated, not bytes
+    OVERSIZED = "oversized"  # above MAX_ENTRY_BYTES
+    WRONG_FIELDS = "wrong fields"  # a stream entry without exactly the field `m`
+    UNKNOWN_TYPE = "unknown type"  # a type tag (or version) this contract does not know
+    INVALID = "invalid"  # a known type whose fields are wrong
+    WRONG_TYPE = "wrong type"  # a valid message in a stream, pool or key that does not carry it
+    WRONG_SESSION = "wrong session"  # names another session than its stream's
+    INVALID_SESSION = "invalid session"  # a session id that cannot be part of a key
+    UNKNOWN_SESSION = "unknown session"  # a job of a session with no recording and no context
+    WRONG_SEQ = "wrong seq"  # a caller frame whose seq is not its entry id's
+    WRONG_CHANNEL = "wrong channel"  # a cancel naming another session than its channel's
+
+
 class ProtocolError(ValueError):
-    """A stream entry, message or name that does not follow this contract."""
+    """A stream entry, message or name that does not follow this contract; `reason` says which way."""
+
+    def __init__(self, message: str, reason: RejectReason = RejectReason.INVALID) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def validate_session_id(sid: str) -> str:
     """Session ids become part of keys: no braces, colons or spaces allowed."""
     if not isinstance(sid, str) or not _SESSION_RE.fullmatch(sid):
-        raise ProtocolError(f"invalid session id {sid!r}: expected 1-64 of [A-Za-z0-9_.-]")
+        raise ProtocolError(f"invalid session id {sid!r}: expected 1-64 of [A-Za-z0-9_.-]", RejectReason.INVALID_SESSION)
     return sid
 
 
@@ -476,13 +501,30 @@ def encode(msg: Message | DeadLetter | WorkerRecord) -> bytes:
 def decode(data: bytes) -> AnyMessage:
     """Decode one message; any malformed, unknown or oversized input raises ProtocolError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"expected bytes, got {type(data).__name__}")
+        raise ProtocolError(f"expected bytes, got {type(data).__name__}", RejectReason.UNDECODABLE)
     if len(data) > MAX_ENTRY_BYTES:
-        raise ProtocolError(f"entry of {len(data)} bytes exceeds {MAX_ENTRY_BYTES}")
+        raise ProtocolError(f"entry of {len(data)} bytes exceeds {MAX_ENTRY_BYTES}", RejectReason.OVERSIZED)
     try:
         return _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(str(exc)) from None
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(str(exc), _invalid_reason(data)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc), RejectReason.UNDECODABLE) from None
+
+
+def _invalid_reason(data: bytes) -> RejectReason:
+    """Valid msgpack that is no valid message: an unknown type tag, an invalid session id, or bad fields.
+    Decided on the data itself (the error path only), not on the validator's wording."""
+    try:
+        raw = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return RejectReason.UNDECODABLE
+    if not isinstance(raw, dict) or raw.get("type") not in KNOWN_TAGS:
+        return RejectReason.UNKNOWN_TYPE
+    sid = raw.get("session")
+    if not isinstance(sid, str) or not _SESSION_RE.fullmatch(sid):
+        return RejectReason.INVALID_SESSION
+    return RejectReason.INVALID
 
 
 def decode_as(data: bytes, *types: type[Message]) -> Any:
@@ -490,14 +532,16 @@ def decode_as(data: bytes, *types: type[Message]) -> Any:
     msg = decode(data)
     if not isinstance(msg, types):
         names = ", ".join(t.__struct_config__.tag for t in types)  # type: ignore[attr-defined]
-        raise ProtocolError(f"unexpected message {type(msg).__struct_config__.tag}, expected {names}")
+        raise ProtocolError(f"unexpected message {type(msg).__struct_config__.tag}, expected {names}",
+                            RejectReason.WRONG_TYPE)
     return msg
 
 
 def decode_entry(fields: dict[bytes, bytes]) -> AnyMessage:
     """Decode a stream entry's field map (exactly one field, ``m``)."""
     if len(fields) != 1 or ENTRY_FIELD not in fields:
-        raise ProtocolError(f"entry must hold exactly the field 'm', got {sorted(map(repr, fields))[:4]}")
+        raise ProtocolError(f"entry must hold exactly the field 'm', got {sorted(map(repr, fields))[:4]}",
+                            RejectReason.WRONG_FIELDS)
     return decode(fields[ENTRY_FIELD])
 
 

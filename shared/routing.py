@@ -5,9 +5,9 @@ bound, new jobs go to its fallback pool; that is counted
 (`voxbus_overflow_total`) and written to the session's events as a TurnMark.
 The head-of-line wait (age of the oldest undelivered job) stands in for the
 p95 queue wait: it is what the next job will at least wait, and it costs one
-XRANGE instead of a histogram. A fallback pool without a live worker (no
-heartbeat within `live_window_s`) is not overflowed to: the jobs would only
-wait there longer. That is counted too (`voxbus_overflow_refused_total`).
+XRANGE instead of a histogram. A fallback pool without a live worker (the
+registry's definition, `shared.registry`) is not overflowed to: the jobs would
+only wait there longer. That is counted too (`voxbus_overflow_refused_total`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from . import registry
 from .bus import BatchPublisher
 from .config import Config, PoolConfig, Stage
 from .protocol import Job, Keys, TurnMark
@@ -39,12 +40,10 @@ class Route:
 
 
 class Router:
-    def __init__(self, redis: aioredis.Redis, config: Config, *, stats_ttl_s: float = 0.1,
-                 live_window_s: float = 2.0) -> None:
+    def __init__(self, redis: aioredis.Redis, config: Config, *, stats_ttl_s: float = 0.1) -> None:
         self.redis = redis
         self.config = config
         self.stats_ttl_s = stats_ttl_s
-        self.live_window_s = live_window_s  # workers heartbeat every 0.25 s: 2 s of silence is a dead pool
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}  # (what, pool) -> (when, value)
 
     async def _cached(self, what: str, pool: str, fetch: Callable[[], Awaitable[T]]) -> T:
@@ -59,8 +58,7 @@ class Router:
         return await self._cached("stats", pool, lambda: pool_stats(self.redis, pool))
 
     async def _live_workers(self, pool: str) -> int:
-        return await self._cached("live", pool, lambda: self.redis.zcount(
-            Keys.pool_workers(pool), time.time() - self.live_window_s, "+inf"))
+        return await self._cached("live", pool, lambda: registry.live_workers(self.redis, pool))
 
     @staticmethod
     def _saturation(pool: PoolConfig, stats: PoolStats) -> str:

@@ -25,7 +25,7 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 
 from prom_samples import local_counter
-from shared.embedded_redis import EmbeddedRedis
+from shared.admin.embedded_redis import EmbeddedRedis
 from shared.redis_conn import DEFAULT_URL, connect, redact_url
 
 

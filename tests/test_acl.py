@@ -12,7 +12,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from shared.config import parse_config
-from shared.embedded_redis import EmbeddedRedis
+from shared.admin.embedded_redis import EmbeddedRedis
 from shared.protocol import ChatMessage, Keys, LlmJob, encode, entry
 from workers.runtime import Worker
 
@@ -71,7 +71,7 @@ async def test_selfcheck_a_worker_and_a_bridge_session_run_under_the_minimal_acl
     finally:
         stop.set()
         await asyncio.wait({runner}, timeout=30)
-        await bridge.stop()
+        await bridge.aclose()
         await admin.aclose()
 
 

@@ -69,7 +69,7 @@ async def test_publisher_and_mux_carry_many_sessions_in_order(redis: aioredis.Re
             assert ids == [frame_entry_id(seq).encode()] * len(sids)
         got = await read_until(mux, lambda g: len(g) >= len(sids) * frames)
     finally:
-        await pub.close()
+        await pub.aclose()
 
     assert len(got) == len(sids) * frames
     per_session: dict[str, list[int]] = defaultdict(list)
@@ -95,7 +95,7 @@ async def test_same_turn_and_seq_published_twice_yields_one_entry(redis: aioredi
         # An output older than the stream's top is refused the same way.
         older = await pub.publish(key, TokenChunk(session=sid, turn=1, seq=9, text="old"), entry_id=output_entry_id(1, 9))
     finally:
-        await pub.close()
+        await pub.aclose()
 
     assert first == b"3-0"
     assert second is None
@@ -120,7 +120,7 @@ async def test_stream_lengths_stay_near_maxlen(redis: aioredis.Redis, uid: str) 
             *(pub.publish(Keys.audio_in(sid), frame(sid, i), maxlen=300, entry_id=frame_entry_id(i)) for i in range(4000))
         )
     finally:
-        await pub.close()
+        await pub.aclose()
     # MAXLEN ~ trims whole radix-tree nodes only, so a little above the bound is expected.
     events_len = await redis.xlen(Keys.events(sid))
     assert bound <= events_len <= bound * 1.1 + 200
@@ -134,7 +134,7 @@ async def test_close_flushes_queued_entries_and_refuses_more(redis: aioredis.Red
     sid = f"close-{uid}"
     pub = BatchPublisher(redis, max_batch=64)
     futures = [pub.publish_nowait(Keys.events(sid), TurnMark(session=sid, turn=i, stage="s", mark="m")) for i in range(1000)]
-    await pub.close()
+    await pub.aclose()
     assert all(f.done() and f.result() for f in futures)
     assert await redis.xlen(Keys.events(sid)) == 1000
     with pytest.raises(RuntimeError, match="closed"):
@@ -155,7 +155,7 @@ async def test_a_failing_entry_fails_alone_and_the_publisher_keeps_going(redis: 
         later = await pub.publish(Keys.tokens(sid), TokenChunk(session=sid, turn=0, seq=2, text="c"))
         assert later is not None
     finally:
-        await pub.close()
+        await pub.aclose()
     assert await redis.xlen(Keys.tokens(sid)) == 3
 
 

@@ -19,7 +19,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from shared.cancel import CANCELLED_TTL_S, CancelHub, CancelWatch, cancelled_turn, publish_cancel
-from shared.embedded_redis import EmbeddedRedis
+from shared.admin.embedded_redis import EmbeddedRedis
 from shared.protocol import Cancel, Interrupt, Keys, encode
 from shared.redis_conn import connect
 
@@ -31,7 +31,7 @@ async def hub(redis: aioredis.Redis) -> AsyncIterator[CancelHub]:
     try:
         yield h
     finally:
-        await h.close()
+        await h.aclose()
 
 
 async def fired(w: CancelWatch, timeout: float = 5.0) -> bool:
@@ -78,7 +78,7 @@ async def test_cancel_naming_a_on_bs_channel_affects_nobody(
         assert not wa.cancelled and not wb.cancelled
         assert counter("voxbus_bus_rejected_total", kind="cancel", reason="wrong channel") - wrong_before == 1
     finally:
-        await hub.close()
+        await hub.aclose()
         await redis.aclose()
 
 
@@ -154,7 +154,7 @@ async def test_cancel_sent_while_the_subscription_was_broken_still_reaches_the_j
         await publish_cancel(other, Cancel(session=sid, turn=2, reason="after"))
         assert await fired(later) and later.reason == "after"
     finally:
-        await hub.close()
+        await hub.aclose()
         await redis.aclose()
         await other.aclose()
 

@@ -19,7 +19,7 @@ from redis.exceptions import AuthenticationError
 
 from shared.bus import BatchPublisher, StreamMux
 from shared.cancel import CancelHub, publish_cancel
-from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.admin.embedded_redis import EmbeddedRedis, free_port
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys, frame_entry_id
 from shared.redis_conn import TRANSIENT_ERRORS, connect, redact_url, wait_ready
@@ -169,8 +169,8 @@ async def test_frames_jobs_and_cancels_flow_again_after_redis_restarts(
             task.cancel()
         _, stuck = await asyncio.wait(tasks, timeout=5)
         problems += [f"{t.get_name()} ignored cancellation" for t in stuck]
-        await finish(pub.close(), 10, "BatchPublisher.close", problems)
-        await finish(hub.close(), 5, "CancelHub.close", problems)
+        await finish(pub.aclose(), 10, "BatchPublisher.close", problems)
+        await finish(hub.aclose(), 5, "CancelHub.close", problems)
         await finish(redis.aclose(), 5, "Redis.aclose", problems)
     assert problems == []
 

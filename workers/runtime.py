@@ -38,9 +38,9 @@ from shared.logs import RateLimitedLog
 from shared.tasks import TaskSet, finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
-from shared.protocol import Cancelled, JobDropped, JobFailed, Keys, TurnMark, WorkerRecord
+from shared.protocol import Cancelled, JobDropped, JobFailed, Keys, RejectReason, TurnMark, WorkerRecord
 from shared.redis_conn import Backoff, connect, redact_url, wait_ready
-from workers import registry
+from shared import registry
 from workers.stages import Outcome, StageContext, StageHandler, create_handler
 
 log = logging.getLogger("voxbus.worker")
@@ -58,8 +58,8 @@ class Worker:
         *,
         handler: StageHandler | None = None,
         engine: Any | None = None,
-        heartbeat_s: float = 0.25,
-        ttl_s: float = 1.0,
+        heartbeat_s: float = registry.HEARTBEAT_S,
+        ttl_s: float = registry.TTL_S,
         reap_interval_s: float = 0.25,
         drain_timeout_s: float = 10.0,
         worker_id: str | None = None,
@@ -138,9 +138,9 @@ class Worker:
                 await registry.deregister(redis, self.pool.name, self.id)
             except Exception as exc:  # Redis unreachable or refusing writes
                 log.warning("could not deregister %s (%s); its record expires by itself", self.id, exc)
-            await handler.close()
-            await finish_task(asyncio.ensure_future(self.hub.close()), grace_s=2.0)
-            await finish_task(asyncio.ensure_future(self.publisher.close()), grace_s=5.0)
+            await handler.aclose()
+            await finish_task(asyncio.ensure_future(self.hub.aclose()), grace_s=2.0)
+            await finish_task(asyncio.ensure_future(self.publisher.aclose()), grace_s=5.0)
             await redis.aclose()
             log.info("worker %s: stopped", self.id)
 
@@ -222,7 +222,8 @@ class Worker:
             # A job for a session with neither a recording nor a context (forged, or long
             # expired) would burn its retries, or a TTS slot waiting for tokens: refuse it.
             if not await self.redis.exists(Keys.audio_in(job.session), Keys.ctx(job.session)):
-                await self.queue.reject(d, f"unknown session {job.session!r}: no recording and no context")
+                await self.queue.reject(d, RejectReason.UNKNOWN_SESSION,
+                                        f"unknown session {job.session!r}: no recording and no context")
                 metrics.JOBS.labels(*self._labels, "rejected").inc()
                 return
             started = time.time()

@@ -27,7 +27,7 @@ class Transport(Protocol):
     async def start(self) -> None:
         """Start accepting callers (listen, connect to a room server, ...)."""
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         """Hang up every call (closing their sessions) and stop accepting new ones."""
 
 

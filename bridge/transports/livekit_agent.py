@@ -181,7 +181,7 @@ class LiveKitTransport:
         if self._run is not None:
             await self._run
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         if self.server is not None:
             await self.server.aclose()  # ends every job; each job's shutdown closes its call
         if self._run is not None:
@@ -204,5 +204,5 @@ async def run_livekit_worker(config: Config, redis_url: str, *, settings: LiveKi
         await transport.start()
         await transport.wait()
     finally:
-        await transport.stop()
-        await bridge.stop()
+        await transport.aclose()
+        await bridge.aclose()

@@ -199,7 +199,7 @@ class WebRtcTransport:
         self.port = site.port  # the real one, when 0 asked for any
         log.info("WebRTC transport listening on %s", self.url)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         await asyncio.gather(*(call.close("bridge stopping") for call in list(self.calls.values())),
                              return_exceptions=True)
         if self._runner is not None:

@@ -76,7 +76,7 @@ from shared.protocol import (
     encode,
 )
 from shared.redis_conn import DEFAULT_URL, connect
-from workers import registry
+from shared import registry
 
 TARGET = {"cancel_p99_ms": 3.0}
 LLAMA_MODEL = "bundled:smollm2-135m-instruct"
@@ -368,7 +368,7 @@ class Run:
             await asyncio.sleep(0.002)
         raise TimeoutError("the worker process did not receive a probe")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -200,7 +200,7 @@ async def _publish_frames(spec: HopSpec) -> PublishLog:
     busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
     log.machine_busy = busy / total if total else 0.0
     log.stats = _batch_stats(pub)
-    await pub.close()
+    await pub.aclose()
     await redis.aclose()
     return log
 

@@ -541,7 +541,7 @@ async def _run_bridge(spec: CapSpec, conn: Connection) -> BridgeResult:
     stats = getattr(bridge.publisher, "stats", None)
     result.publisher = dict(stats()) if callable(stats) else {}
     server.close()
-    await bridge.stop()
+    await bridge.aclose()
     return result
 
 

@@ -49,7 +49,7 @@ from shared.bus import StreamMux
 from shared.jobs import enqueue
 from shared.protocol import ChatMessage, Keys, LlmJob, TokenChunk, decode_entry, encode
 from shared.redis_conn import DEFAULT_URL, connect
-from workers import registry
+from shared import registry
 from workers.runtime import Worker
 
 TARGET = {"reclaim_s": 2.0, "lost": 0, "duplicates": 0}

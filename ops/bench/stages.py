@@ -175,7 +175,7 @@ async def _bench_llm(repeats: int) -> dict[str, Any]:
                 if deltas > 1:
                     rates.append((deltas - 1) / (end - first))
     finally:
-        await llm.close()
+        await llm.aclose()
     return {
         "llm_ttft_ms": round(statistics.median(ttfts), 1),
         "llm_tokens_per_s": round(statistics.median(rates), 1) if rates else None,

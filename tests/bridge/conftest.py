@@ -175,8 +175,8 @@ async def running_bridge(redis_url: str, config: Config, **options: Any) -> Asyn
         await transport.start()
         yield bridge, transport
     finally:
-        await transport.stop()
-        await bridge.stop()
+        await transport.aclose()
+        await bridge.aclose()
         await delete_session_keys(redis_url, opened)
 
 

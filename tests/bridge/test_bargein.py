@@ -97,5 +97,5 @@ async def test_interrupt_stops_agent_and_keeps_heard_text(stack: tuple[Bridge, W
         assert heard_words and heard_words == all_words[: len(heard_words)], "the heard text is not a prefix of the reply"
         assert len(heard_words) < len(all_words) or session.times[turn].interrupted
     finally:
-        await client.close()
+        await client.aclose()
         await redis.aclose()

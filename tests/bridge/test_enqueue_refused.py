@@ -66,6 +66,6 @@ async def test_refused_job_fails_the_turn_and_the_call_goes_on(redis_url: str, c
         await asyncio.sleep(0.3)
         assert await redis.xlen(Keys.audio_in(session.id)) > frames
     finally:
-        await bridge.stop()
+        await bridge.aclose()
         await redis.delete(Keys.pool_jobs(asr_pool))
         await redis.aclose()

@@ -98,7 +98,7 @@ async def test_signaling_refuses_bad_requests(stack: tuple[Bridge, WebRtcTranspo
             assert resp.status == 401
         async with http.get(f"{transport.url}v1/config", headers=auth) as resp:
             assert resp.status == 200 and (await resp.json())["ice_servers"] == []
-    await client.close()
+    await client.aclose()
     assert set(bridge.sessions) == before, "a refused offer left a session behind"
     assert not set(transport.calls) - before
 
@@ -107,7 +107,7 @@ async def test_signaling_refuses_bad_requests(stack: tuple[Bridge, WebRtcTranspo
     with pytest.raises(OfferRefused) as refused:
         await again.connect(session_id=f"t{uid}-dup")
     assert refused.value.status == 409 and refused.value.body["error"] == "session_exists"
-    await asyncio.gather(taken.close(), again.close())
+    await asyncio.gather(taken.aclose(), again.aclose())
 
 
 async def test_hostile_messages_never_hurt_anyone(stack: tuple[Bridge, WebRtcTransport], redis_url: str,
@@ -167,7 +167,7 @@ async def test_hostile_messages_never_hurt_anyone(stack: tuple[Bridge, WebRtcTra
         assert call_a.control.accepted["interrupt"] == 1
         assert victim_session.playout.min_turn == 0
     finally:
-        await asyncio.gather(attacker.close(), victim.close())
+        await asyncio.gather(attacker.aclose(), victim.aclose())
 
 
 async def test_max_sessions(stack: tuple[Bridge, WebRtcTransport], counter: Callable[..., float], uid: str) -> None:
@@ -175,7 +175,7 @@ async def test_max_sessions(stack: tuple[Bridge, WebRtcTransport], counter: Call
     clients: list[RtcClient] = []
     probe = RtcClient(transport.url)
     await probe.wait_for(lambda: not bridge.sessions, 15, "earlier calls to close")
-    await probe.close()
+    await probe.aclose()
     try:
         for i in range(MAX_SESSIONS - len(bridge.sessions)):
             client = RtcClient(transport.url)
@@ -192,7 +192,7 @@ async def test_max_sessions(stack: tuple[Bridge, WebRtcTransport], counter: Call
         assert counter("voxbus_sessions_rejected_total", reason="max_sessions") == rejected + 1
         assert len(bridge.sessions) == MAX_SESSIONS
     finally:
-        await asyncio.gather(*(c.close() for c in clients))
+        await asyncio.gather(*(c.aclose() for c in clients))
 
 
 async def test_session_closes_when_peer_leaves(stack: tuple[Bridge, WebRtcTransport], uid: str) -> None:
@@ -202,7 +202,7 @@ async def test_session_closes_when_peer_leaves(stack: tuple[Bridge, WebRtcTransp
     await client.connect(session_id=f"t{uid}-bye")
     await client.wait_open()
     assert client.session_id in bridge.sessions
-    await client.close()
+    await client.aclose()
     await client.wait_for(lambda: client.session_id not in bridge.sessions, 15, "the session to close")
     assert client.session_id not in transport.calls
 
@@ -214,5 +214,5 @@ async def test_session_closes_when_peer_leaves(stack: tuple[Bridge, WebRtcTransp
         async with http.post(f"{transport.url}v1/offer", json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
             assert resp.status == 200
     assert f"t{uid}-ghost" in bridge.sessions
-    await ghost.close()  # never applies the answer: no ICE, no DTLS
+    await ghost.aclose()  # never applies the answer: no ICE, no DTLS
     await ghost.wait_for(lambda: f"t{uid}-ghost" not in bridge.sessions, 15, "the unconnected session to close")

@@ -133,7 +133,7 @@ async def test_calls_that_never_connect_are_capped(stack: tuple[Bridge, WebRtcTr
         assert refused == [(503, "too_many_pending")] * 2, refused
     finally:
         for client in clients:
-            await client.close()
+            await client.aclose()
         for call in list(transport.calls.values()):
             await call.close("test over")
 
@@ -163,4 +163,4 @@ async def test_a_silent_call_ends_at_the_idle_timeout(redis_url: str) -> None:
             assert "no audio" in client.controls("ended")[0]["reason"]
             await client.wait_for(lambda: client.session_id not in bridge.sessions, 10, "the session to close")
         finally:
-            await client.close()
+            await client.aclose()

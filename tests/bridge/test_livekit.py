@@ -168,7 +168,7 @@ async def bridge(redis_url: str, uid: str, redis: aioredis.Redis, vad_engine: An
     try:
         yield b
     finally:
-        await b.stop()
+        await b.aclose()
         members = [m async for m, _ in redis.zscan_iter(Keys.SESSIONS, match=f"*{uid}*")]
         if members:
             await redis.zrem(Keys.SESSIONS, *members)
@@ -185,7 +185,7 @@ def job() -> Iterator[JobThread]:
 async def publisher(redis: aioredis.Redis) -> AsyncIterator[BatchPublisher]:
     pub = BatchPublisher(redis)
     yield pub
-    await pub.close()
+    await pub.aclose()
 
 
 @dataclass
@@ -460,7 +460,7 @@ async def test_worker_runs_jobs_in_threads_on_the_bridge(bridge: Bridge, redis: 
         sid = next(iter(bridge.sessions))
         assert sid.startswith("lk-") and (await redis.get(Keys.meta(sid))) is not None
     finally:
-        await transport.stop()
+        await transport.aclose()
         if sid:
             await redis.delete(*Keys.session_streams(sid), Keys.ctx(sid), Keys.meta(sid))
             await redis.zrem(Keys.SESSIONS, sid)

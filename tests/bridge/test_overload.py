@@ -39,7 +39,7 @@ async def test_an_overloaded_caller_hears_an_apology_not_silence(redis_url: str,
             assert busy[0]["stage"] == "asr" and "overloaded" in busy[0]["reason"]
             assert busy_after < 5.0 and heard_after < 10.0
         finally:
-            await client.close()
+            await client.aclose()
 
 
 async def test_new_calls_are_refused_while_a_default_pool_is_far_behind(redis_url: str, uid: str) -> None:

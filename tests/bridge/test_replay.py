@@ -2,7 +2,7 @@
 
 A session is produced through the bridge's real ingest path (Piper speech
 pushed into a CallSession: framing, batched publish, Silero VAD, turn logic),
-exported with shared.recording, and replayed against the same workers: with
+exported with shared.admin.recording, and replayed against the same workers: with
 the same (deterministic) models the transcripts and the agent's words must be
 the same. `--stage asr` replays the ASR jobs on a second ASR pool.
 """
@@ -25,10 +25,10 @@ from bridge.core import Bridge
 from bridge.replay import compare, recorded_turns, replay_asr, replay_session
 from bridge_conftest import ROOT, WorkerSet, delete_session_keys
 from shared.config import Config
-from shared.exporter import collect_once
+from shared.admin.exporter import collect_once
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import AsrJob, Keys
-from shared.recording import export_session, load, save
+from shared.admin.recording import export_session, load, save
 from shared.redis_conn import connect
 from tests.engines.speech import pad_silence, synthesize_16k
 
@@ -68,7 +68,7 @@ async def make_recorded_session(redis_url: str, config: Config) -> str:
         await player
         return session.id
     finally:
-        await bridge.stop()
+        await bridge.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ async def test_an_ended_call_s_id_is_never_reused(redis_url: str, redis: aioredi
         with pytest.raises(SessionExists, match="never reused"):
             await bridge.open_session(sid, transport="test")
     finally:
-        await bridge.stop()
+        await bridge.aclose()
         await delete_session_keys(redis_url, [sid])
 
 
@@ -40,8 +40,8 @@ async def test_two_bridges_cannot_share_a_live_id(redis_url: str, uid: str) -> N
             await second.open_session(sid, transport="test")
         assert sid not in second.sessions
     finally:
-        await first.stop()
-        await second.stop()
+        await first.aclose()
+        await second.aclose()
         await delete_session_keys(redis_url, [sid])
 
 
@@ -58,7 +58,7 @@ async def test_keys_left_under_an_unclaimed_id_never_reach_a_new_call(redis_url:
         await bridge.open_session(sid, transport="test")
         assert await redis.xlen(Keys.audio_in(sid)) == 0 and await redis.xlen(Keys.events(sid)) == 0
     finally:
-        await bridge.stop()
+        await bridge.aclose()
         await delete_session_keys(redis_url, [sid])
 
 
@@ -67,7 +67,7 @@ async def test_signaling_answers_409_for_a_used_id(redis_url: str) -> None:
     async with running_bridge(redis_url, pools_config()) as (bridge, transport):
         first = RtcClient(transport.url)
         await first.connect(session_id=sid)
-        await first.close()
+        await first.aclose()
         await bridge.close_session(sid)
         second = RtcClient(transport.url)
         try:
@@ -77,4 +77,4 @@ async def test_signaling_answers_409_for_a_used_id(redis_url: str) -> None:
             fresh = await second.connect()  # the default: a server-generated id
             assert fresh["session_id"] != sid
         finally:
-            await second.close()
+            await second.aclose()

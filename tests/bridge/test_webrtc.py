@@ -57,7 +57,7 @@ async def test_auth_page_and_health(stack: tuple[Bridge, WebRtcTransport]) -> No
             assert resp.status in (403, 404)
         async with http.get(f"{transport.url}healthz") as resp:
             assert resp.status == 200 and (await resp.json())["ok"] is True
-    await client.close()
+    await client.aclose()
 
 
 async def test_opus_fec_encoder_makes_redundant_frames() -> None:
@@ -127,4 +127,4 @@ async def test_call_turn_over_webrtc(stack: tuple[Bridge, WebRtcTransport], uid:
         assert m["response_ms"] is not None and m["user_text"] == heard
         assert bridge.sessions[client.session_id].playout.stale_frames == 0
     finally:
-        await client.close()
+        await client.aclose()

@@ -58,7 +58,7 @@ from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
 from shared.config import Config, parse_config
-from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.admin.embedded_redis import EmbeddedRedis, free_port
 from pools_toml import renamed_cpu_pools_toml
 from prom_samples import sample_sum
 from shared.protocol import (
@@ -298,8 +298,8 @@ async def chaos_bridge(cluster: ChaosCluster, **bridge_options: Any) -> AsyncIte
         await transport.start()
         yield bridge, transport
     finally:
-        await transport.stop()
-        await bridge.stop()
+        await transport.aclose()
+        await bridge.aclose()
 
 
 class Caller(caller.RtcClient):
@@ -315,7 +315,7 @@ async def connected_caller(transport: WebRtcTransport, session_id: str | None = 
         await client.connect(session_id=session_id)
         await client.wait_open()
     except BaseException:
-        await client.close()
+        await client.aclose()
         raise
     return client
 

@@ -408,7 +408,7 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
         assert all(w.alive for w in every_worker)
         assert not bystander.controls("interrupted") and not await redis.exists(Keys.cancelled_turn(other))
     finally:
-        await asyncio.gather(victim.close(), bystander.close())
+        await asyncio.gather(victim.aclose(), bystander.aclose())
         await purge_pools(redis, cluster)
         await redis.aclose()
 
@@ -483,7 +483,7 @@ async def test_interrupt_forged_for_another_session_has_no_effect(
         await assert_no_duplicate_outputs(redis, sid, turn)
     finally:
         await pubsub.aclose()
-        await asyncio.gather(attacker.close(), speaker.close())
+        await asyncio.gather(attacker.aclose(), speaker.aclose())
         await redis.aclose()
 
 

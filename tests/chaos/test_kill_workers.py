@@ -175,5 +175,5 @@ async def test_kill_9_mid_turn_the_call_still_gets_its_answer_once(
         assert all(w.alive for w in survivors)
         assert bridge.sessions[sid].playout.stale_frames == 0
     finally:
-        await client.close()
+        await client.aclose()
         await redis.aclose()

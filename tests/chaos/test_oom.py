@@ -119,5 +119,5 @@ async def test_workers_and_bridge_ride_out_a_redis_oom(chaos_cluster: ChaosClust
     finally:
         await redis.config_set("maxmemory", "0")
         logging.getLogger("voxbus").removeHandler(handler)
-        await bridge.stop()
+        await bridge.aclose()
         await redis.aclose()

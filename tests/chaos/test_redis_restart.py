@@ -170,5 +170,5 @@ async def test_redis_restart_mid_call_everything_reconnects_and_a_new_turn_works
         assert await redis.exists(Keys.meta(sid))
         assert local_counter("voxbus_context_restored_total") == restored_before + 1
     finally:
-        await client.close()
+        await client.aclose()
         await redis.aclose()

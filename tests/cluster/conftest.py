@@ -35,7 +35,7 @@ import pytest_asyncio
 import redis as sync_redis
 import redis.asyncio as aioredis
 
-from shared.embedded_redis import _redis_server_binary
+from shared.admin.embedded_redis import _redis_server_binary
 from shared.redis_conn import connect
 
 MASTERS = 3

@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from polling import wait_until
 from shared.bus import BatchPublisher, StreamMux
 from shared.cancel import CancelHub, cancelled_turn, publish_cancel
-from shared.exporter import collect_once
+from shared.admin.exporter import collect_once
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import (
     FRAME_BYTES,
@@ -61,7 +61,7 @@ from shared.redis_conn import (
     split_cluster_flag,
     wait_ready,
 )
-from workers import registry
+from shared import registry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,9 +220,9 @@ async def test_a_tls_cluster_carries_frames_jobs_and_cancels(tls_cluster, uid) -
         assert delivery.entry_id == entry
         await queue.ack(entry)
     finally:
-        await pub.close()
+        await pub.aclose()
         await mux.aclose()
-        await hub.close()
+        await hub.aclose()
         await client.aclose()
 
 
@@ -317,7 +317,7 @@ async def test_publisher_and_mux_move_frames_of_sessions_on_every_master(cluster
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        await pub.close()
+        await pub.aclose()
         await mux.aclose()
 
     assert dict(got) == dict(expected)  # per stream: all of it, in order, once
@@ -398,7 +398,7 @@ async def test_reader_and_publisher_follow_a_session_whose_slot_moves(
         await publish_and_read(range(10, 20))
         assert await mux.read() == []
     finally:
-        await pub.close()
+        await pub.aclose()
         await mux.aclose()
     assert {k: v for k, v in got.items()} == {Keys.tokens(sid): list(range(20)) for sid in sids}
     assert cluster_redis.get_node_from_key(Keys.tokens(moving)).name == dst.name  # the client learned the move
@@ -519,7 +519,7 @@ async def test_a_cancel_reaches_a_hub_subscribed_through_another_master(cluster_
         await publish_cancel(cluster_redis, Cancel(session=b, turn=1))
         await asyncio.wait_for(wb.wait(), 3)
     finally:
-        await hub.close()
+        await hub.aclose()
 
 
 # --------------------------------------------------------------------------
@@ -720,4 +720,4 @@ async def test_frames_and_cancels_flow_again_after_a_master_restarts(redis_clust
         if redis_cluster.procs[port].poll() is not None:
             await asyncio.to_thread(redis_cluster.revive, port)
         # Bounded: a component stuck on the restart fails the test instead of hanging it.
-        await asyncio.wait_for(asyncio.gather(pub.close(), mux.aclose(), hub.close()), 15)
+        await asyncio.wait_for(asyncio.gather(pub.aclose(), mux.aclose(), hub.aclose()), 15)

@@ -32,7 +32,7 @@ def engine() -> Iterator[LlamaCppLlm]:
     llm = LlamaCppLlm(system_prompt=SYSTEM)
     asyncio.run(llm.load())
     yield llm
-    asyncio.run(llm.close())
+    asyncio.run(llm.aclose())
 
 
 async def collect(llm: LlamaCppLlm, text: str = QUESTION, max_tokens: int = MAX_TOKENS) -> list[str]:
@@ -136,7 +136,7 @@ async def test_replies_do_not_depend_on_what_the_cache_held(engine: LlamaCppLlm,
     try:
         assert "".join(await collect(cold)) == reference  # as a re-run job on a fresh worker
     finally:
-        await cold.close()
+        await cold.aclose()
 
 
 async def test_a_context_longer_than_the_window_drops_the_oldest_turns() -> None:
@@ -153,7 +153,7 @@ async def test_a_context_longer_than_the_window_drops_the_oldest_turns() -> None
             [d async for d in small.stream(user(filler * 10), request_id="r", max_tokens=8, watch=None)]
         assert_idle(small)
     finally:
-        await small.close()
+        await small.aclose()
 
 
 def test_registry_builds_the_engine() -> None:

@@ -91,7 +91,7 @@ async def llm(server: Server, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     engine = OpenAiLlm(server.base_url, model="smollm2", api_key_env=KEY_ENV, system_prompt="Answer briefly.")
     await engine.load()
     yield engine
-    await engine.close()
+    await engine.aclose()
 
 
 def user(text: str = QUESTION) -> list[ChatMessage]:
@@ -144,7 +144,7 @@ async def test_a_wrong_key_is_a_clear_error_that_does_not_show_the_key(
         assert "/chat/completions" in str(err.value)
         assert wrong not in str(err.value) and wrong not in repr(engine)
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_http_errors_carry_status_and_body(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +155,7 @@ async def test_http_errors_carry_status_and_body(server: Server, monkeypatch: py
         with pytest.raises(LlmHttpError, match=r"HTTP 404: .*Not Found"):
             await collect(engine)
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_an_unreachable_server_is_a_clear_error() -> None:
@@ -165,7 +165,7 @@ async def test_an_unreachable_server_is_a_clear_error() -> None:
         with pytest.raises(LlmHttpError, match="ConnectError"):
             await collect(engine)
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 def test_sse_lines() -> None:

@@ -111,7 +111,7 @@ def rule_queries() -> list[tuple[str, str]]:
 
 
 def _defined_metric_names() -> set[str]:
-    for module in ("shared.metrics", "shared.exporter", "shared.routing"):  # every module that defines metrics
+    for module in ("shared.metrics", "shared.admin.exporter", "shared.routing"):  # every module that defines metrics
         importlib.import_module(module)
 
     names: set[str] = set()

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from pools_toml import pools_toml
 from shared.protocol import Keys
-from workers import registry
+from shared import registry
 
 
 def _voxbus_command() -> list[str]:
@@ -80,8 +80,11 @@ class Cluster:
         return f"t{self.uid}-{suffix}"
 
     def pool(self, suffix: str, *, stage: str = "llm", engine: str = "synthetic", **table: Any) -> str:
-        """Add a pool to this test's pools file; returns its (unique) name."""
+        """Add a pool to this test's pools file; returns its (unique) name. LLM pools get no spoken-reply
+        budget unless the test gives one: these tests count the synthetic engine's every token."""
         name = self.name(suffix)
+        if stage == "llm":
+            table.setdefault("reply", {"soft_tokens": 100_000, "max_sentences": 100_000, "max_tokens": 100_000})
         self.pools[name] = {"stage": stage, "engine": engine, **table}
         self.pools_file.write_text(pools_toml(self.pools), encoding="utf-8")
         return name
@@ -111,7 +114,7 @@ class Cluster:
             await asyncio.sleep(0.02)
         raise AssertionError(f"worker of {pool} not registered after {ready_timeout}s:\n{worker.log_tail()}")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for worker in self.procs:
             if worker.alive:
                 worker.kill()
@@ -126,4 +129,4 @@ async def cluster(redis: aioredis.Redis, redis_url: str, tmp_path: Path, uid: st
     try:
         yield c
     finally:
-        await c.close()
+        await c.aclose()

@@ -173,7 +173,7 @@ async def test_saturated_pool_overflows_to_its_fallback(redis, cluster, uid, cou
                 break
             await asyncio.sleep(0.1)  # the primary worker takes what it has a slot for
     finally:
-        await publisher.close()
+        await publisher.aclose()
 
     assert routes[0][1].pool == primary
     sid, route = routes[-1]

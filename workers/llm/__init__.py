@@ -29,7 +29,7 @@ class LlmEngine(Protocol):
         """Yield text deltas as they decode. Closing the iterator, or the watch firing,
         aborts the generation (vLLM abort, closing the HTTP stream, breaking the token loop)."""
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Release the model / client."""
 
 

@@ -127,7 +127,7 @@ class LlamaCppLlm:
         self._executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix="llamacpp")
         log.info("llama.cpp model ready: %d instance(s) in %.2f s", self.instances, time.perf_counter() - t0)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
             self._executor = None

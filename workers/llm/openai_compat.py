@@ -104,7 +104,7 @@ class OpenAiLlm:
         log.info("OpenAI-compatible LLM at %s, model %s (key %s)", self._where, self.model,
                  "from $" + self.api_key_env if key else "none")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -23,7 +23,7 @@ class SyntheticLlm:
     async def load(self) -> None:
         return None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         return None
 
     async def stream(

@@ -118,7 +118,7 @@ class VllmLlm:
         log.info("vLLM engine ready in %.1f s", time.perf_counter() - t0)
         return engine
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self.engine is not None and self._owns_engine:
             shutdown = getattr(self.engine, "shutdown", None)
             if shutdown is not None:

@@ -16,15 +16,15 @@ import numpy as np
 from shared.cancel import CancelWatch
 from shared.protocol import AsrJob, Keys, Transcript
 from workers import asr as asr_engines
-from workers.stages import Outcome, StageContext
+from workers.stages.base import StageContext, StageHandler
 from workers.stages.frames import read_frames
 
 log = logging.getLogger("voxbus.stage.asr")
 
 
-class AsrStage:
+class AsrStage(StageHandler):
     def __init__(self, ctx: StageContext, engine: asr_engines.AsrEngine | None = None) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.engine = engine or asr_engines.create(ctx.pool.engine, dict(ctx.pool.options))
         self._batch: list[tuple[np.ndarray, str | None, asyncio.Future[asr_engines.AsrResult]]] = []
         self._batch_task: asyncio.Task[None] | None = None
@@ -32,7 +32,7 @@ class AsrStage:
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._batch_task:
             await asyncio.gather(self._batch_task, return_exceptions=True)
 
@@ -66,7 +66,7 @@ class AsrStage:
                 if not fut.done():
                     fut.set_result(res)
 
-    async def handle(self, job: AsrJob, watch: CancelWatch) -> Outcome:
+    async def run(self, job: AsrJob, watch: CancelWatch) -> None:
         t0 = time.perf_counter()
         audio = await self.read_audio(job)
         if audio.size == 0:
@@ -74,14 +74,10 @@ class AsrStage:
         result = await self._transcribe(audio, job.language)
         asr_ms = (time.perf_counter() - t0) * 1000
         if watch.cancelled:
-            return Outcome.CANCELLED
-        events = Keys.events(job.session)
-        pub = self.ctx.publisher
-        pub.publish_nowait(events, Transcript(
+            return
+        self.ctx.publisher.publish_nowait(Keys.events(job.session), Transcript(
             session=job.session, turn=job.turn, text=result.text, final=job.final,
             start_seq=job.start_seq, end_seq=job.end_seq, asr_ms=asr_ms,
         ))
         if job.final:
             self.ctx.mark(job, "done", asr_ms)
-        await pub.flush()
-        return Outcome.DONE

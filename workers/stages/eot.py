@@ -16,13 +16,13 @@ import numpy as np
 from shared.cancel import CancelWatch
 from shared.protocol import EotDecision, EotJob, Keys
 from workers import eot as eot_engines
-from workers.stages import Outcome, StageContext
+from workers.stages.base import StageContext, StageHandler
 from workers.stages.frames import read_frames
 
 
-class EotStage:
+class EotStage(StageHandler):
     def __init__(self, ctx: StageContext, engine: eot_engines.EotEngine | None = None) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.engine = engine or eot_engines.create(ctx.pool.engine, dict(ctx.pool.options))
         self._batch: list[tuple[np.ndarray, asyncio.Future[float]]] = []
         self._batch_task: asyncio.Task[None] | None = None
@@ -30,7 +30,7 @@ class EotStage:
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._batch_task:
             await asyncio.gather(self._batch_task, return_exceptions=True)
 
@@ -56,7 +56,7 @@ class EotStage:
                 if not fut.done():
                     fut.set_result(float(prob))
 
-    async def handle(self, job: EotJob, watch: CancelWatch) -> Outcome:
+    async def run(self, job: EotJob, watch: CancelWatch) -> None:
         t0 = time.perf_counter()
         audio = await read_frames(self.ctx.redis, job.session, job.start_seq, job.end_seq, turn=job.turn)
         if audio.size == 0:
@@ -64,10 +64,8 @@ class EotStage:
         prob = await self._predict(audio)
         cost_ms = (time.perf_counter() - t0) * 1000
         if watch.cancelled:
-            return Outcome.CANCELLED
+            return
         self.ctx.publisher.publish_nowait(Keys.events(job.session), EotDecision(
             session=job.session, turn=job.turn, prob=round(prob, 5),
             start_frame=job.start_seq, end_frame=job.end_seq, cost_ms=round(cost_ms, 2)))
         self.ctx.mark(job, "done", cost_ms)
-        await self.ctx.publisher.flush()
-        return Outcome.DONE

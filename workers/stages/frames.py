@@ -15,10 +15,21 @@ import logging
 import numpy as np
 import redis.asyncio as aioredis
 
-from shared import metrics
-from shared.protocol import FRAME_BYTES, AudioFrame, Keys, ProtocolError, decode_entry, frame_entry_id, frame_seq
+from shared.bus.entries import count_rejected
+from shared.logs import RateLimitedLog
+from shared.protocol import (
+    FRAME_BYTES,
+    AudioFrame,
+    Keys,
+    ProtocolError,
+    RejectReason,
+    decode_entry,
+    frame_entry_id,
+    frame_seq,
+)
 
 log = logging.getLogger("voxbus.stage.frames")
+_limited = RateLimitedLog(log)
 
 MAX_RANGE_FRAMES = 30_000  # 10 minutes of 20 ms frames: a job naming more is refused
 
@@ -37,16 +48,19 @@ async def read_frames(redis: aioredis.Redis, session: str, start_seq: int, end_s
         try:
             frame = decode_entry(fields)
         except ProtocolError as exc:
-            metrics.BUS_REJECTED.labels("audio.in", "malformed").inc()
-            log.warning("skipping malformed frame in %s: %s", session, exc)
+            count_rejected("audio.in", exc.reason)
+            _limited.warning("frame", "skipping a malformed frame in %s: %s", session, exc)
             continue
-        if not isinstance(frame, AudioFrame) or frame.session != session:
-            metrics.BUS_REJECTED.labels("audio.in", "unexpected").inc()
+        if not isinstance(frame, AudioFrame):
+            count_rejected("audio.in", RejectReason.WRONG_TYPE)
+            continue
+        if frame.session != session:
+            count_rejected("audio.in", RejectReason.WRONG_SESSION)
             continue
         seq = frame_seq(entry_id)
         if frame.seq != seq or not start_seq <= seq <= end_seq or seq < next_seq:
             # The id is what XRANGE selected on; a frame claiming another seq was not written by a bridge.
-            metrics.BUS_REJECTED.labels("audio.in", "wrong seq").inc()
+            count_rejected("audio.in", RejectReason.WRONG_SEQ)
             continue
         if seq > next_seq:  # a gap: keep timing with silence (bounded by the range, checked above)
             pcm += bytes(FRAME_BYTES * (seq - next_seq))

@@ -15,34 +15,35 @@ import time
 import uuid
 
 from shared import metrics
+from shared.bus.entries import count_rejected
 from shared.cancel import CancelWatch
 from shared.protocol import (
-    Cancelled,
     ChatMessage,
     Keys,
     LlmJob,
     ProtocolError,
+    RejectReason,
     TokenChunk,
     decode_as,
     output_entry_id,
 )
 from workers import llm as llm_engines
 from workers.llm.budget import SpokenReply
-from workers.stages import Outcome, StageContext
+from workers.stages.base import StageContext, StageHandler
 
 log = logging.getLogger("voxbus.stage.llm")
 
 
-class LlmStage:
+class LlmStage(StageHandler):
     def __init__(self, ctx: StageContext, engine: llm_engines.LlmEngine | None = None) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.engine = engine or llm_engines.create(ctx.pool.engine, dict(ctx.pool.options))
 
     async def load(self) -> None:
         await self.engine.load()
 
-    async def close(self) -> None:
-        await self.engine.close()
+    async def aclose(self) -> None:
+        await self.engine.aclose()
 
     async def context(self, session: str) -> list[ChatMessage]:
         messages: list[ChatMessage] = []
@@ -50,16 +51,16 @@ class LlmStage:
             try:
                 msg = decode_as(raw, ChatMessage)
             except ProtocolError as exc:
-                metrics.BUS_REJECTED.labels("ctx", "malformed").inc()
+                count_rejected("ctx", exc.reason)
                 log.warning("skipping malformed context entry of %s: %s", session, exc)
                 continue
             if msg.session != session:  # a foreign entry must never reach this caller's prompt
-                metrics.BUS_REJECTED.labels("ctx", "wrong session").inc()
+                count_rejected("ctx", RejectReason.WRONG_SESSION)
                 continue
             messages.append(msg)
         return messages
 
-    async def handle(self, job: LlmJob, watch: CancelWatch) -> Outcome:
+    async def run(self, job: LlmJob, watch: CancelWatch) -> None:
         t0 = time.perf_counter()
         messages = await self.context(job.session)
         if not any(m.role == "user" for m in messages):
@@ -97,12 +98,10 @@ class LlmStage:
                     break
         finally:
             await stream.aclose()
-        if not watch.cancelled and not reply.stopped and (rest := reply.finish()):
-            publish(rest)
         if watch.cancelled:
-            await pub.publish(Keys.events(job.session), Cancelled(
-                session=job.session, turn=job.turn, stage="llm", reason=watch.reason or "cancel"))
-            return Outcome.CANCELLED
+            return
+        if not reply.stopped and (rest := reply.finish()):
+            publish(rest)
         pub.publish_nowait(key, TokenChunk(session=job.session, turn=job.turn, seq=seq, text="", final=True),
                            entry_id=output_entry_id(job.turn, seq))
         end = time.perf_counter()
@@ -110,5 +109,3 @@ class LlmStage:
         if reply.tokens > 1 and end > first_at:
             pool = self.ctx.pool
             metrics.LLM_TOKENS_PER_S.labels(pool.name, pool.stage, pool.gpu_type).observe((reply.tokens - 1) / (end - first_at))
-        await pub.flush()
-        return Outcome.DONE

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Iterator
 import numpy as np
 
 from shared import metrics
+from shared.bus.entries import count_rejected
 from shared.cancel import CancelWatch
 from shared.protocol import (
     AudioOut,
-    Cancelled,
     Keys,
     ProtocolError,
+    RejectReason,
     TokenChunk,
     TtsJob,
     decode_entry,
@@ -29,7 +30,7 @@ from shared.protocol import (
     turn_start_exclusive,
 )
 from workers import tts as tts_engines
-from workers.stages import Outcome, StageContext
+from workers.stages.base import StageContext, StageHandler
 from workers.tts.clauses import ClauseBuffer
 
 log = logging.getLogger("voxbus.stage.tts")
@@ -40,16 +41,13 @@ _POLL_MS = 50
 _END = object()
 
 
-class TtsStage:
+class TtsStage(StageHandler):
     def __init__(self, ctx: StageContext, engine: tts_engines.TtsEngine | None = None) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.engine = engine or tts_engines.create(ctx.pool.engine, dict(ctx.pool.options))
 
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
-
-    async def close(self) -> None:
-        return None
 
     async def tokens(self, job: TtsJob, watch: CancelWatch) -> AsyncIterator[str]:
         """The turn's token texts as they arrive, until the final chunk (or cancel)."""
@@ -75,11 +73,12 @@ class TtsStage:
                 last = entry_id
                 try:
                     chunk = decode_entry(fields)
-                except ProtocolError:
-                    metrics.BUS_REJECTED.labels("tokens", "malformed").inc()
+                except ProtocolError as exc:
+                    count_rejected("tokens", exc.reason)
                     continue
                 if not isinstance(chunk, TokenChunk) or chunk.session != job.session:
-                    metrics.BUS_REJECTED.labels("tokens", "wrong type").inc()
+                    count_rejected("tokens", RejectReason.WRONG_TYPE if not isinstance(chunk, TokenChunk)
+                                   else RejectReason.WRONG_SESSION)
                     continue  # never speak what does not belong to this turn
                 if chunk.turn != job.turn:
                     return  # a later turn began: this one is over
@@ -104,7 +103,7 @@ class TtsStage:
         if rest:
             yield rest
 
-    async def handle(self, job: TtsJob, watch: CancelWatch) -> Outcome:
+    async def run(self, job: TtsJob, watch: CancelWatch) -> None:
         t0 = time.perf_counter()
         key = Keys.audio_out(job.session)
         pub = self.ctx.publisher
@@ -137,13 +136,9 @@ class TtsStage:
             if watch.cancelled:
                 break
         if watch.cancelled:
-            await pub.publish(Keys.events(job.session), Cancelled(
-                session=job.session, turn=job.turn, stage="tts", reason=watch.reason or "cancel"))
-            return Outcome.CANCELLED
+            return
         pub.publish_nowait(key, AudioOut(session=job.session, turn=job.turn, seq=seq, rate=rate, pcm=b"", final=True),
                            entry_id=output_entry_id(job.turn, seq))
-        await pub.flush()
-        return Outcome.DONE
 
 
 def _first_token_ts(entries: list) -> float | None:

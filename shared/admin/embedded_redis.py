@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .redis_conn import connect, redis_url_from_env, wait_ready
+from ..redis_conn import connect, redis_url_from_env, wait_ready
 
 log = logging.getLogger("voxbus.redis")
 

@@ -16,13 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, str]]:
-    from .bus import BatchPublisher, StreamMux
-    from .cancel import CancelHub, publish_cancel
-    from .jobs import JobQueue, enqueue
-    from .protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys
+    from ..bus import BatchPublisher, StreamMux
+    from ..cancel import CancelHub, publish_cancel
+    from ..jobs import JobQueue, enqueue
+    from ..protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys
     from redis.exceptions import NoPermissionError
 
-    from .redis_conn import connect, redact_url, wait_ready
+    from ..redis_conn import connect, redact_url, wait_ready
 
     results: list[tuple[str, bool, str]] = []
     redis = connect(url)
@@ -76,8 +76,8 @@ async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, 
             pass
         cms = (time.perf_counter() - t1) * 1000
         results.append(("cancel", w_a.cancelled and not w_b.cancelled, f"cancel reached its session in {cms:.1f} ms, other session untouched"))
-        await hub.close()
-        await pub.close()
+        await hub.aclose()
+        await pub.aclose()
         await mux.aclose()
 
         keys = [k for sid in sids for k in Keys.session_streams(sid)] + [Keys.cancelled_turn(s) for s in sids]

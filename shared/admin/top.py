@@ -19,7 +19,7 @@ async def snapshot(redis, config=None, sessions_limit: int = 10):
     from rich.console import Group
     from rich.table import Table
 
-    from shared.exporter import collect_once
+    from shared.admin.exporter import collect_once
     from shared.protocol import Keys
 
     rows = await collect_once(redis, config)

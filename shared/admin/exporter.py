@@ -43,7 +43,7 @@ async def collect_once(redis, config=None) -> list[dict]:
     """Read every pool's figures and set the gauges; returns them (for tests and `top`)."""
     from shared.protocol import Keys
     from shared.queue_stats import pool_stats
-    from workers import registry
+    from shared import registry
 
     pools = set(await registry.known_pools(redis))
     labels: dict[str, tuple[str, str]] = {}

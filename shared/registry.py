@@ -14,8 +14,13 @@ import time
 
 import redis.asyncio as aioredis
 
-from shared.protocol import Keys, ProtocolError, WorkerRecord, decode_worker, encode
-from shared.redis_conn import mget
+from .protocol import Keys, ProtocolError, WorkerRecord, decode_worker, encode
+from .redis_conn import mget
+
+HEARTBEAT_S = 0.25  # how often a worker beats
+# The one definition of a live worker: its last heartbeat is at most this old. A worker silent for
+# longer is dead: its record expires, peers take over its jobs, routing and `voxbus top` skip it.
+TTL_S = 1.0
 
 
 async def heartbeat(redis: aioredis.Redis, rec: WorkerRecord, ttl_s: float) -> None:
@@ -34,12 +39,17 @@ async def deregister(redis: aioredis.Redis, pool: str, worker_id: str) -> None:
     await pipe.execute()
 
 
-async def live_worker_ids(redis: aioredis.Redis, pool: str, ttl_s: float) -> set[str]:
+async def live_worker_ids(redis: aioredis.Redis, pool: str, ttl_s: float = TTL_S) -> set[str]:
     cutoff = time.time() - ttl_s
     ids = await redis.zrangebyscore(Keys.pool_workers(pool), cutoff, "+inf")
     # forget workers dead for a long time so the set stays small
     await redis.zremrangebyscore(Keys.pool_workers(pool), "-inf", cutoff - 3600)
     return {i.decode() if isinstance(i, bytes) else i for i in ids}
+
+
+async def live_workers(redis: aioredis.Redis, pool: str, ttl_s: float = TTL_S) -> int:
+    """How many workers of `pool` are live (one ZCOUNT)."""
+    return int(await redis.zcount(Keys.pool_workers(pool), time.time() - ttl_s, "+inf"))
 
 
 async def worker_records(redis: aioredis.Redis, pool: str) -> list[WorkerRecord]:

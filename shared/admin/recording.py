@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from .protocol import (
+from ..protocol import (
     AudioFrame,
     Interrupt,
     JobFailed,
@@ -144,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     async def main() -> int:
-        from .redis_conn import connect, redis_url_from_env
+        from ..redis_conn import connect, redis_url_from_env
 
         redis = connect(args.redis_url or redis_url_from_env())
         try:
@@ -172,7 +172,7 @@ def run_sessions(args: argparse.Namespace) -> int:
     async def main() -> int:
         import orjson
 
-        from .redis_conn import connect, redis_url_from_env
+        from ..redis_conn import connect, redis_url_from_env
 
         redis = connect(args.redis_url or redis_url_from_env())
         try:
