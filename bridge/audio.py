@@ -11,12 +11,15 @@ other ratio goes through libswresample.
 
 from __future__ import annotations
 
+from typing import Any
+
 import av
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 _EMPTY = np.zeros(0, dtype=np.int16)
-_clip = np._core.umath.clip if hasattr(np, "_core") else np.core.umath.clip  # NumPy 2 / 1
+_clip: Any = getattr(np, "_core", None) or np.core  # NumPy 2 / 1
+_clip = _clip.umath.clip
 
 
 class Resampler:
@@ -62,7 +65,8 @@ def _lowpass(factor: int, taps_per_phase: int = 32, cutoff: float = 0.97, beta: 
     fc = cutoff / (2 * factor)  # cycles per input sample
     t = np.arange(n_taps) - (n_taps - 1) / 2
     h = 2 * fc * np.sinc(2 * fc * t) * np.kaiser(n_taps, beta)
-    return (h / h.sum()).astype(np.float32)
+    taps: np.ndarray = (h / h.sum()).astype(np.float32)
+    return taps
 
 
 class _Decimator:
@@ -106,7 +110,8 @@ class _Decimator:
         self._have = end - consumed
         np.rint(out, out=out)
         _clip(out, -32768.0, 32767.0, out=out)  # the ufunc: np.clip's Python wrapper costs more than the clipping
-        return out.astype(np.int16)
+        result: np.ndarray = out.astype(np.int16)
+        return result
 
     def flush(self) -> np.ndarray:
         """The samples still inside the filter (its group delay), pushed out with silence."""

@@ -14,7 +14,7 @@ import fractions
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import av
@@ -157,6 +157,8 @@ class RtcClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             pcm = frame.to_ndarray().reshape(-1)
             channels = len(frame.layout.channels)
             if channels > 1:
@@ -182,7 +184,7 @@ class RtcClient:
                     raise OfferRefused(resp.status, answer)
         self.session_id, self.answer_sdp = answer["session_id"], answer["sdp"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
-        return answer
+        return cast(dict[str, Any], answer)
 
     async def wait_open(self, timeout: float = 20.0) -> None:
         await self.wait_for(lambda: self.control_ch.readyState == "open" and self.tokens_ch.readyState == "open",
@@ -211,8 +213,9 @@ class RtcClient:
     async def ping(self, ping_id: int, timeout: float = 10.0) -> dict[str, Any]:
         """Round trip on `control`: everything sent before it has been handled when the pong comes."""
         self.send({"type": "ping", "id": ping_id})
-        return await self.wait_for(lambda: next((m for m in self.controls("pong") if m.get("id") == ping_id), None),
+        pong = await self.wait_for(lambda: next((m for m in self.controls("pong") if m.get("id") == ping_id), None),
                                    timeout, f"pong {ping_id}")
+        return cast(dict[str, Any], pong)
 
     def audio_frames(self, since: float = 0.0) -> list[tuple[float, float]]:
         """Received frames carrying sound (not silence) that arrived after `since`."""

@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from shared.config import load_config
     from shared.admin.embedded_redis import redis_url_or_embedded
+    from shared.config import load_config
 
     from .core import Bridge
     from .transports import create
@@ -59,8 +59,14 @@ async def _main(args: argparse.Namespace) -> int:
                 print(f"voxbus bridge: API token (Authorization: Bearer): {getattr(transport, 'token', '')}", flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
+
+            def on_signal() -> None:
+                if stop.is_set() and hasattr(transport, "hurry"):
+                    transport.hurry()  # a second signal: hang up now instead of waiting for live calls
+                stop.set()
+
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(bridge.tasks.failed.wait())}
             if hasattr(transport, "wait"):
                 waits.add(asyncio.ensure_future(transport.wait()))

@@ -60,7 +60,7 @@ class SessionContext:
             if self._over():
                 self._trim()
                 await self._replace()
-            elif not await self.redis.rpushx(Keys.ctx(self.sid), entry):
+            elif not await self.redis.rpushx(Keys.ctx(self.sid), entry):  # type: ignore[arg-type]  # bytes are sent as-is
                 await self._rewrite()
 
     def _over(self) -> bool:
@@ -97,7 +97,7 @@ class SessionContext:
                     del self.entries[i]
                     del self._chars[i]
                     break
-            await self.redis.lrem(Keys.ctx(self.sid), -1, entry)
+            await self.redis.lrem(Keys.ctx(self.sid), -1, entry)  # type: ignore[arg-type]  # bytes are sent as-is
 
     async def _rewrite(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -12,23 +12,26 @@ caller audio and pull agent frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared import metrics
+from shared import metrics, tracing
+from shared.admin.archive import open_archive
+from shared.admin.archiving import Archiver, heartbeat_loop
 from shared.bus import BatchPublisher, StreamMux, session_of
-from shared.config import BridgeConfig, Config
-from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
+from shared.config import BridgeConfig, Config, archive_url_of
 from shared.logs import RateLimitedLog
 from shared.memory import release_free_memory
+from shared.protocol import ChatMessage, Keys, SessionMeta, encode, validate_session_id
 from shared.redis_conn import connect, wait_ready
-from shared.tasks import TaskSet
 from shared.routing import Router
+from shared.tasks import TaskSet
 
 from .context import SessionContext
 from .session import CallSession, ClientSink
@@ -43,6 +46,9 @@ VAD_DELIVERY_BATCH = 32  # sessions whose VAD events are handled concurrently in
 SESSION_TTL_S = 24 * 3600
 # A session id stays claimed far longer than anything of its session is kept, so it is never reused.
 CLAIM_TTL_S = 30 * 24 * 3600
+# The recent-sessions index forgets a session once nothing of it can be left (its longest call, then its TTL).
+SESSIONS_INDEX_S = 4 * 3600 + SESSION_TTL_S
+ARCHIVE_DRAIN_S = 15.0  # a clean shutdown waits this long for the calls it is archiving
 
 
 class TooManySessions(RuntimeError):
@@ -71,6 +77,7 @@ class Bridge:
     def __init__(self, redis_url: str, config: Config, *, vad_engine: Any | None = None) -> None:
         self.redis_url = redis_url
         self.config = config
+        tracing.setup("voxbus-bridge")  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.sessions: dict[str, CallSession] = {}
         self._vad_engine = vad_engine
         self.tasks = TaskSet("bridge")  # the ingest and reader loops are vital; side effects are not
@@ -79,8 +86,12 @@ class Bridge:
         self._opening: set[str] = set()  # ids between the limit check and the session's creation
         self.id = f"bridge-{socket.gethostname()[:24]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.started = asyncio.Event()
+        # Called after every ingest tick with (its start on time.perf_counter(), its duration in s):
+        # a public hook for measurements (ops/bench/capacity.py), nothing in the bridge needs it.
+        self.tick_observers: list[Callable[[float, float], None]] = []
         self._next_limits_check = 0.0
         self._next_trim = time.time() + 60.0
+        self.archiver: Archiver | None = None  # with an archive: each call ends up there (shared/admin/archiving.py)
 
     @property
     def bridge_config(self) -> BridgeConfig:
@@ -96,12 +107,21 @@ class Bridge:
         self.vad = BatchVad(engine, endpoint_config(self.config.bridge))
         self.tasks.spawn(self._ingest_loop(), "ingest", vital=True)
         self.tasks.spawn(self._reader_loop(), "reader", vital=True)
+        self.tasks.spawn(heartbeat_loop(self.redis, self.id), "heartbeat", vital=True)
+        if url := archive_url_of(self.config.bridge):
+            self.archiver = Archiver(self.redis, open_archive(url), retention_s=self.config.bridge.retention_s,
+                                     who=self.id, tasks=self.tasks)
+            self.tasks.spawn(self.archiver.sweep_loop(), "archive-sweep", vital=True)
         self.started.set()
 
     async def aclose(self) -> None:
         for sid in list(self.sessions):
             await self.close_session(sid)
+        if self.archiver is not None:
+            await self.archiver.drain(ARCHIVE_DRAIN_S)  # what is left, another bridge's sweep archives
         await self.tasks.aclose()
+        with contextlib.suppress(Exception):  # gone or not, the heartbeat expires by itself
+            await self.redis.delete(Keys.bridge(self.id))
         await self.mux.aclose()
         await self.publisher.aclose()
         await self.redis.aclose()
@@ -136,7 +156,7 @@ class Bridge:
         b = self.config.bridge
         context = SessionContext(self.redis, sid, meta=encode(meta), system=encode(system), ttl_s=SESSION_TTL_S,
                                  max_messages=b.context_max_messages, max_chars=b.context_max_chars)
-        session = CallSession(self, sid, context, pools=pools, sink=sink, out_rate=out_rate)
+        session = CallSession(self, sid, context, pools=pools, sink=sink, out_rate=out_rate, transport=transport)
         self._opening.add(sid)
         try:
             # The claim is atomic across bridges: of two callers opening one id, one gets it.
@@ -148,6 +168,9 @@ class Bridge:
             pipe.delete(*Keys.session_streams(sid), Keys.cancelled_turn(sid))
             context.open_into(pipe)
             pipe.zadd(Keys.SESSIONS, {sid: time.time()})
+            pipe.zremrangebyscore(Keys.SESSIONS, "-inf", time.time() - SESSIONS_INDEX_S)
+            if self.archiver is not None:
+                pipe.zadd(Keys.ARCHIVE_PENDING, {sid: time.time()})
             await pipe.execute()
             for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
                 await self.mux.add(key, "0-0")
@@ -164,6 +187,7 @@ class Bridge:
         if session is None:
             return
         session.closed = True
+        session.trace.close()
         self._vad_changes.append((sid, False))
         for key in (Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)):
             self.mux.remove(key)
@@ -171,9 +195,12 @@ class Bridge:
         for key in [*Keys.session_streams(sid), Keys.ctx(sid)]:
             pipe.expire(key, SESSION_TTL_S)
         pipe.expire(Keys.claim(sid), CLAIM_TTL_S)
+        pipe.set(Keys.ended(sid), f"{time.time():.3f}", ex=SESSION_TTL_S)
         await pipe.execute()
         metrics.ACTIVE_SESSIONS.set(len(self.sessions))
         log.info("session %s closed", sid)
+        if self.archiver is not None:
+            self.archiver.schedule(sid)  # keys keep SESSION_TTL_S until it is archived, then retention_s
 
     async def _ingest_loop(self) -> None:
         next_tick = time.monotonic()
@@ -184,7 +211,10 @@ class Bridge:
                 await self._tick()
             except Exception:
                 _limited.exception("tick", "ingest tick failed")
-            metrics.INGEST_TICK_MS.observe((time.perf_counter() - t0) * 1000)
+            took = time.perf_counter() - t0
+            metrics.INGEST_TICK_MS.observe(took * 1000)
+            for observe in self.tick_observers:
+                observe(t0, took)
             delay = next_tick - time.monotonic()
             if delay < -1.0:  # far behind (e.g. suspended): skip ahead instead of bursting
                 next_tick = time.monotonic()

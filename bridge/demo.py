@@ -16,10 +16,15 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .caller import RtcClient
+    from .session import CallSession
 
 from .demo_audio import noise_for, read_audio_16k, synthesize_16k, with_silence, write_wav
 
@@ -33,6 +38,21 @@ CALLER_JITTER_MS = 40
 
 
 # ------------------------------------------------------------------ the call
+
+
+def _played(caller: RtcClient, mark: str) -> bool:
+    return mark in caller.mic.marks
+
+
+def _first_frame(caller: RtcClient, since: float) -> Any:
+    return next(iter(caller.audio_frames(since)), None)
+
+
+def _answered(caller: RtcClient, session: CallSession, turn: int) -> bool:
+    """The page was told this turn is over and the bridge is listening again."""
+    return any(m.get("turn") == turn and m.get("state") == "listening" for m in caller.controls("state")) \
+        and session.state.value == "listening"
+
 
 async def run_call(stack: Any, questions: list[np.ndarray], barge_in_at: float | None, *,
                    noise_snr_db: float | None = None, gap_s: float = GAP_S, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -59,20 +79,19 @@ async def run_call(stack: Any, questions: list[np.ndarray], barge_in_at: float |
             last = i == len(questions) - 1
             mark = f"user_end_{i}"
             caller.mic.play(with_silence(question, SILENCE_BEFORE_S if i == 0 else 0.0, 0.0), mark_voiced_end=mark)
-            await caller.wait_for(lambda: mark in caller.mic.marks, timeout_s, f"question {i + 1} to be played")
+            await caller.wait_for(partial(_played, caller, mark), timeout_s, f"question {i + 1} to be played")
             user_end = caller.mic.marks[mark]
-            first = await caller.wait_for(lambda: next(iter(caller.audio_frames(user_end)), None), timeout_s,
+            first = await caller.wait_for(partial(_first_frame, caller, user_end), timeout_s,
                                           f"the agent's first audio frame after question {i + 1}")
             turn = session.agent_turn  # this question's turn: later turns must not mix into its figures
             row: dict[str, Any] = {"question": i + 1, "turn": turn}
             if last and barge_in_at is not None:
                 row.update(await _barge_in(caller, session, first[0] + barge_in_at, turn))
             else:
-                await caller.wait_for(
-                    lambda: any(m.get("turn") == turn and m.get("state") == "listening" for m in caller.controls("state"))
-                    and session.state.value == "listening", timeout_s, f"the agent to finish answer {i + 1}")
+                await caller.wait_for(partial(_answered, caller, session, turn), timeout_s, f"the agent to finish answer {i + 1}")
                 await asyncio.sleep(0.3 if last else gap_s)
             row.update(_figures(caller, session, turn, user_end, first[0]))
+            row.update(_seam_figures(caller, session, stack.config, turn, first))
             rows.append(row)
         answered = sorted({t for t, times in session.times.items() if times.first_audio_ts})
         result: dict[str, Any] = {"session_id": sid, **rows[0], "turns": rows, "turns_answered": len(answered),
@@ -115,6 +134,32 @@ def _figures(caller: Any, session: Any, turn: int, user_end: float, first_audio_
         "hops_ms": {k: round(v, 2) for k, v in t.hops.items()},
         "bridge_to_caller_ms": round((first_audio_at - t.first_audio_ts) * 1000, 1) if t.first_audio_ts else None,
     }
+
+
+def _seam_figures(caller: Any, session: Any, config: Any, turn: int, first: tuple[float, float]) -> dict[str, Any]:
+    """The joins between the reply's TTS pieces as the caller heard them (bridge/seam_check.py)."""
+    from workers.tts.seams import PieceShaper
+
+    from .seam_check import check_turn, summary
+
+    stats = session.playout.turn_stats(turn)
+    audio = session.playout.turns.get(turn)
+    if stats is None or audio is None or not caller.pcm:
+        return {}
+    if turn in session.times:
+        session.times[turn].set_playout(stats)
+    sizes = np.cumsum([0] + [len(p) for p in caller.pcm])
+    arrived = caller.audio.index(first)  # the reply's first frame with sound; it may start quiet a frame before
+    search_from = int(sizes[max(0, arrived - 2)])
+    c = config.default_pool("tts").chunks
+    shaper = PieceShaper(48_000, edge_ms=c.edge_ms, fade_ms=c.fade_ms, clause_pause_ms=c.clause_pause_ms,
+                         sentence_pause_ms=c.sentence_pause_ms)
+    pauses = [shaper.pause_ms(text) for text in audio.clauses[:-1]]
+    end = search_from + (sum(stats.clause_frames) + sum(u.frames for u in stats.underruns) + 4) * 960
+    seams = check_turn(caller.received_pcm(), 48_000, search_from, stats.onset, stats.clause_starts,
+                       stats.underruns, pauses, end)
+    return {"playout_gap_ms": stats.gap_ms, "playout_gaps": stats.gaps, "playout_gap_total_ms": stats.gap_total_ms,
+            "clause_frames": stats.clause_frames, **summary(seams)}
 
 
 def last_before_gap(frames: list[tuple[float, float]], since: float, gap_s: float = 0.3) -> float:
@@ -167,6 +212,12 @@ def print_table(result: dict[str, Any]) -> None:
             cells = [f"{row[key] if row.get(key) is not None else '-':>6}" for key, _ in _COLUMNS]
             print("  ".join([f"{row['turn']:>4}", f"{row.get('endpoint_by') or '-':5}"] + cells))
         print(f"\n{result['turns_answered']} turn(s) answered for {len(rows)} question(s)")
+    for row in rows:
+        if row.get("joins"):
+            print(f"\nseams (turn {row['turn']}): {row['joins']} join(s), silence {row['join_silence_ms']} ms, "
+                  f"largest gap {row['join_gap_ms']} ms ({row['join_seam_gap_ms']} ms besides underruns), "
+                  f"click {row['join_click']}, playout underruns {row['playout_gaps']} "
+                  f"(longest {row['playout_gap_ms']} ms): {'ok' if row['seams_ok'] else 'AUDIBLE'}")
     if "barge_in_silence_ms" in rows[-1]:
         last = rows[-1]
         print(f"\nbarge-in: agent quiet {last['barge_in_silence_ms']} ms after the interrupt; "

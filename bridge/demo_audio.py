@@ -25,9 +25,9 @@ def read_audio_16k(path: str | Path) -> np.ndarray:
 
     chunks: list[np.ndarray] = []
     with av.open(str(path)) as container:
-        stream = next((s for s in container.streams if s.type == "audio"), None)
-        if stream is None:
+        if not container.streams.audio:
             raise ValueError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
         for frame in container.decode(stream):
             for out in resampler.resample(frame):

@@ -5,7 +5,10 @@ the bridge's real ingest path (framing, batched publish, VAD, turn logic):
 with original timing at --speed 1 or 2, or as fast as the pipeline takes it at
 --speed max, where feeding pauses while the agent thinks and speaks so turns
 do not overlap. It then compares every turn: transcript then/now (word error
-rate), agent text then/now, stage latencies then/now.
+rate), agent text then/now, stage latencies then/now. `--report OUT.html`
+also writes the `voxbus inspect` view of both runs side by side (replayed at
+the recorded pace unless --speed says otherwise: a faster feed puts the
+caller's audio and the events on different clocks).
 
 `--stage asr --pool P` re-runs only the recorded ASR jobs on pool P (A/B a
 model or a GPU type): the recorded audio is copied into a new session's
@@ -22,13 +25,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import msgspec
 
+from shared.admin.recording import Recording, RecordingError, load
+from shared.caller_audio import to_pcm
 from shared.protocol import (
     ENTRY_FIELD,
+    FRAME_SAMPLES,
     AsrJob,
     AudioFrame,
     Keys,
+    OpusFrame,
     TokenChunk,
     Transcript,
     TurnMark,
@@ -36,7 +43,7 @@ from shared.protocol import (
     encode,
     frame_entry_id,
 )
-from shared.admin.recording import Recording, RecordingError, load
+from shared.redis_conn import xread
 from shared.wer import wer
 
 
@@ -71,8 +78,9 @@ def recorded_turns(rec: Recording) -> list[RecordedTurn]:
     return [turns[k] for k in sorted(turns)]
 
 
-def recorded_frames(rec: Recording) -> list[AudioFrame]:
-    return [m for m in rec.messages("audio.in") if isinstance(m, AudioFrame)]
+def recorded_frames(rec: Recording) -> list[AudioFrame | OpusFrame]:
+    """The caller's frames (PCM, or Opus since recordings are compact), in seq order."""
+    return sorted((m for m in rec.messages("audio.in") if isinstance(m, AudioFrame | OpusFrame)), key=lambda m: m.seq)
 
 
 def compare(then: list[RecordedTurn], now: list[RecordedTurn]) -> dict[str, Any]:
@@ -96,7 +104,8 @@ def compare(then: list[RecordedTurn], now: list[RecordedTurn]) -> dict[str, Any]
 
 # ------------------------------------------------------------------ full replay
 
-async def replay_session(redis_url: str, config: Any, rec: Recording, speed: str, turn_timeout_s: float = 60.0) -> tuple[str, list[RecordedTurn]]:
+async def replay_session(redis_url: str, config: Any, rec: Recording, speed: str,
+                         turn_timeout_s: float = 60.0) -> tuple[str, list[RecordedTurn]]:
     """Feed the recording's caller audio into a new session; returns (session id, its turns)."""
     from .core import Bridge
     from .session import TurnState
@@ -113,15 +122,22 @@ async def replay_session(redis_url: str, config: Any, rec: Recording, speed: str
         factor = {"1": 1.0, "2": 2.0}.get(speed)
         player = asyncio.create_task(_play(session, int(factor or 0)))
         batch = 25  # frames pushed per step at max speed (0.5 s of audio)
+        pcm = to_pcm(frames)  # decoded in one go: an Opus decoder's state runs across the call
         for i, frame in enumerate(frames):
             if factor is not None:
                 delay = (frame.ts - rec_t0) / factor - (time.monotonic() - t0)
                 if delay > 0:
                     await asyncio.sleep(delay)
+            elif _deciding(session):
+                # The end of a turn is being decided on the wall clock (the model's verdict, its
+                # rescoring, min/max endpointing): feed the silence in real time meanwhile, or the
+                # caller's next words would arrive before the decision they followed.
+                await asyncio.sleep(0.02)
             elif i % batch == 0:
                 await asyncio.sleep(0.02)  # one ingest tick
                 await _wait_idle(session, TurnState, turn_timeout_s)
-            session.push_audio(np.frombuffer(frame.pcm, dtype=np.int16), capture_ts=time.time())
+            at = (frame.seq - frames[0].seq) * FRAME_SAMPLES
+            session.push_audio(pcm[at:at + FRAME_SAMPLES], capture_ts=time.time())
         await asyncio.sleep(0.5)
         await _wait_idle(session, TurnState, turn_timeout_s)
         now = [
@@ -143,6 +159,11 @@ async def _play(session: Any, frames_per_tick: int) -> None:
             if session.next_frame() is None and not session.playout.audible:
                 break
         await asyncio.sleep(0.02)
+
+
+def _deciding(session: Any) -> bool:
+    """The turn machine holds a turn whose end is not decided yet (a pause being scored)."""
+    return getattr(session.machine, "_spec", None) is not None  # noqa: SLF001 - replay drives the session
 
 
 async def _wait_idle(session: Any, states: Any, timeout_s: float) -> None:
@@ -169,7 +190,7 @@ async def replay_asr(redis_url: str, rec: Recording, pool: str, timeout_s: float
     try:
         pipe = redis.pipeline(transaction=False)
         for frame in recorded_frames(rec):
-            copy = AudioFrame(session=sid, seq=frame.seq, pcm=frame.pcm, ts=frame.ts)
+            copy = msgspec.structs.replace(frame, session=sid)
             pipe.xadd(Keys.audio_in(sid), {ENTRY_FIELD: encode(copy)}, id=frame_entry_id(frame.seq))
         await pipe.execute()
         enqueued: dict[int, float] = {}
@@ -177,11 +198,11 @@ async def replay_asr(redis_url: str, rec: Recording, pool: str, timeout_s: float
             enqueued[t.turn] = time.time()
             await enqueue(redis, pool, AsrJob(session=sid, turn=t.turn, start_seq=t.start_seq, end_seq=t.end_seq))
         got: dict[int, RecordedTurn] = {}
-        last = "0-0"
+        last: bytes | str = "0-0"
         deadline = time.monotonic() + timeout_s
         while len(got) < len(then) and time.monotonic() < deadline:
-            reply = await redis.xread({Keys.events(sid): last}, block=200, count=100)
-            for _, entries in reply or []:
+            reply = await xread(redis, {Keys.events(sid): last}, count=100, block_ms=200)
+            for _, entries in reply:
                 for entry_id, fields in entries:
                     last = entry_id
                     msg = decode_entry(fields)
@@ -202,13 +223,16 @@ async def replay_asr(redis_url: str, rec: Recording, pool: str, timeout_s: float
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a recording made by `voxbus record`")
-    p.add_argument("--speed", choices=["1", "2", "max"], default="max", help="caller audio timing (default max)")
+    p.add_argument("--speed", choices=["1", "2", "max"],
+                   help="caller audio timing (default max; 1 with --report, so then and now share one time axis)")
     p.add_argument("--pools", help="pools TOML file (default: $VOXBUS_POOLS, else ops/pools/cpu.toml)")
     p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
     p.add_argument("--stage", choices=["asr"], help="re-run only this stage's recorded jobs")
     p.add_argument("--pool", help="with --stage: the pool to run them on")
     p.add_argument("--start-workers", action="store_true", help="start the pools' default CPU workers for the replay")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="also write the `voxbus inspect` view of the recorded run (then) and the replayed run (now), side by side")
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +244,11 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     rec = load(args.file)
     url = args.redis_url or redis_url_from_env()
     config = load_config(args.pools)
+    if args.report and args.stage:
+        raise RecordingError("--report shows whole calls side by side: it does not go with --stage")
+    speed = args.speed or ("1" if args.report else "max")
     workers = await start_workers(url, config, args.pools) if args.start_workers else []
+    report = None
     try:
         if args.stage == "asr":
             if not args.pool:
@@ -228,12 +256,30 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             config.pool(args.pool)
             sid, now = await replay_asr(url, rec, args.pool)
         else:
-            sid, now = await replay_session(url, config, rec, args.speed)
+            sid, now = await replay_session(url, config, rec, speed)
+            if args.report:
+                report = await _report(url, rec, sid, args.report)
     finally:
         await stop_workers(workers)
     result = compare(recorded_turns(rec), now)
-    result.update({"source_session": rec.session, "replay_session": sid, "stage": args.stage or "all", "speed": args.speed})
+    result.update({"source_session": rec.session, "replay_session": sid, "stage": args.stage or "all", "speed": speed})
+    if report is not None:
+        result["report"] = {"path": str(report.path), "bytes": report.size, "summary": report.summary()}
     return result
+
+
+async def _report(url: str, rec: Recording, sid: str, path: str) -> Any:
+    """The inspect view of the recording (then) and of its replay (now), from the replay's session in Redis."""
+    from shared.admin.inspect import export_settled, write_report
+    from shared.redis_conn import connect
+
+    redis = connect(url)
+    try:
+        now = await export_settled(redis, sid)
+    finally:
+        await redis.aclose()
+    return write_report([("then", rec), ("now", now)], path,
+                        title=f"voxbus replay: session {rec.session} then, replayed as {sid} now")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(f"replay of {result['source_session']} as {result['replay_session']} ({result['stage']}, speed {result['speed']})")
+    if "report" in result:
+        print(result["report"]["summary"])
     for row in result["turns"]:
         print(f"\nturn {row['index']}  WER {row['transcript_match']:.2f}")
         print(f"  caller then: {row['transcript_then']}\n  caller now:  {row['transcript_now']}")

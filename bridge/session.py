@@ -24,6 +24,7 @@ from shared import metrics
 from shared.bus import BatchPublisher
 from shared.cancel import publish_cancel
 from shared.config import BridgeConfig
+from shared.opus import OpusEncoder
 from shared.protocol import (
     FRAME_SAMPLES,
     AsrJob,
@@ -36,8 +37,11 @@ from shared.protocol import (
     EotJob,
     JobDropped,
     JobFailed,
+    JobRun,
     Keys,
     LlmJob,
+    OpusFrame,
+    OpusOut,
     SpeechEnd,
     SpeechPause,
     SpeechStart,
@@ -52,9 +56,10 @@ from shared.routing import Router
 
 from . import turn_events as ev
 from .audio import Framer
+from .call_trace import CallTrace
 from .playout import OutFrame, Playout
+from .session_records import playout_mark, record
 from .turns import TurnConfig, TurnMachine
-from .session_records import record
 from .waterfall import TurnTimes
 
 if TYPE_CHECKING:
@@ -110,7 +115,7 @@ def turn_config(cfg: BridgeConfig) -> TurnConfig:
 
 class CallSession:
     def __init__(self, host: SessionHost, sid: str, context: SessionContext, *, pools: dict[str, str] | None = None,
-                 sink: ClientSink | None = None, out_rate: int = 48_000) -> None:
+                 sink: ClientSink | None = None, out_rate: int = 48_000, transport: str = "webrtc") -> None:
         self.host = host
         self.id = sid
         self.context = context
@@ -121,12 +126,14 @@ class CallSession:
         self.playout = Playout(out_rate)
         self.times: dict[int, TurnTimes] = {}
         self.started = time.time()
+        self.trace = CallTrace(sid, transport, self.started)  # OpenTelemetry spans (no-ops unless configured)
         self.last_audio_at = self.started  # when caller audio last arrived (the idle timeout counts from here)
         self.closed = False
         self.expiring = False  # a limit (duration, idle) is ending the call
         # How the transport hangs up this call (set by it); the bridge calls it when a limit ends the call.
         self.hangup: Callable[[str], Awaitable[None]] | None = None
         self._framer = Framer(FRAME_SAMPLES)
+        self._opus = OpusEncoder() if self.cfg.audio_codec == "opus" else None
         self._frames: list[tuple[int, bytes, float]] = []
         self._seq = 0
         # Capture time of the recent caller frames, by seq modulo the ring (the end of speech of a
@@ -165,7 +172,9 @@ class CallSession:
         for frame in frames:
             pcm = frame.tobytes()
             seq = self._seq
-            publish(key, AudioFrame(session=self.id, seq=seq, pcm=pcm, ts=ts), entry_id=frame_entry_id(seq))
+            msg = (OpusFrame(session=self.id, seq=seq, opus=self._opus.encode(frame), ts=ts) if self._opus is not None
+                   else AudioFrame(session=self.id, seq=seq, pcm=pcm, ts=ts))
+            publish(key, msg, entry_id=frame_entry_id(seq))
             self._frames.append((seq, pcm, ts))
             self._seq = seq + 1
 
@@ -181,6 +190,10 @@ class CallSession:
                 t.first_audio_ts = self.playout.turns[frame.turn].first_sent_at or now
                 if t.speech_end_ts:
                     metrics.VOICE_TO_VOICE_MS.observe((t.first_audio_ts - t.speech_end_ts) * 1000)
+            playout_mark(self.host.publisher, self.id, frame.turn, "start" if frame.first else "end",
+                         self.playout.played_ms(frame.turn))
+            if frame.last:
+                self._times(frame.turn).set_playout(self.playout.turn_stats(frame.turn))
             self._run(ev.FramePlayed(now, frame.turn, first=frame.first, last=frame.last))
             self._send_waterfall(self._times(frame.turn))
         return frame if frame.pcm else None
@@ -218,7 +231,7 @@ class CallSession:
 
     async def on_message(self, msg: Any) -> None:
         now = time.time()
-        if isinstance(msg, AudioOut):
+        if isinstance(msg, AudioOut | OpusOut):
             if msg.seq == 0 and msg.turn >= self.playout.min_turn:
                 hop = self._times(msg.turn).hops["audio_out"] = max(0.0, (now - msg.ts) * 1000)
                 metrics.BUS_HOP_MS.labels("audio_out").observe(hop)
@@ -238,7 +251,9 @@ class CallSession:
             metrics.EOT_COST_MS.observe(msg.cost_ms)
             await self._feed(ev.EotVerdict(now, msg.turn, msg.prob))
         elif isinstance(msg, TurnMark):
-            self._on_mark(msg)
+            self._times(msg.turn).apply_mark(msg.stage, msg.mark, msg.value_ms)
+        elif isinstance(msg, JobRun):
+            self.trace.job_ended(msg)
         elif isinstance(msg, JobFailed):
             log.warning("session %s turn %d: %s job failed: %s", self.id, msg.turn, msg.stage, msg.reason)
             await self._feed(ev.JobFailedIn(now, msg.turn, msg.stage, msg.reason))
@@ -269,6 +284,8 @@ class CallSession:
                 self._playout(cmd)
             elif isinstance(cmd, ev.SetPhase):
                 self.sink.send_control({"type": "state", "state": cmd.phase.value, "turn": cmd.turn, "ts": time.time()})
+                if cmd.phase is ev.Phase.LISTENING:
+                    self.trace.turn_over(cmd.turn, self.times.get(cmd.turn))
             elif isinstance(cmd, ev.SendTokens):
                 self.sink.send_tokens(cmd.turn, cmd.seq, cmd.text, cmd.final)
                 t = self._times(cmd.turn)
@@ -311,9 +328,9 @@ class CallSession:
             elif isinstance(cmd, ev.CancelTurn):
                 await publish_cancel(self.host.redis, Cancel(session=self.id, turn=cmd.turn, reason=cmd.reason))
             elif isinstance(cmd, ev.RemoveUserText):
-                entry = self._user_entries.pop(cmd.turn, None)
-                if entry is not None:
-                    await self.context.remove(entry)
+                removed = self._user_entries.pop(cmd.turn, None)
+                if removed is not None:
+                    await self.context.remove(removed)
             elif isinstance(cmd, ev.AppendAgentText):
                 interrupted = cmd.turn in self._heard_turns
                 msg = ChatMessage(session=self.id, role="assistant", text=cmd.text, turn=cmd.turn, interrupted=interrupted)
@@ -325,8 +342,10 @@ class CallSession:
         elif cmd.op == "release":
             self.playout.hold_from = None
         elif cmd.op == "flush":
+            played_ms = self.playout.played_ms(cmd.turn)
             dropped = self.playout.flush(cmd.turn)
             if dropped:
+                playout_mark(self.host.publisher, self.id, cmd.turn, "flushed", played_ms)
                 log.info("session %s: turn %d cancelled, %d frames dropped", self.id, cmd.turn, dropped)
         elif cmd.op == "pause":
             self.playout.pause()
@@ -350,6 +369,9 @@ class CallSession:
         limit = self.cfg.job_deadline_s.get(stage) if deadline else None
         if limit:
             job.deadline = time.time() + limit
+        if self.trace.on:
+            start = self.frame_ts(job.start_seq) if isinstance(job, AsrJob | EotJob) else None
+            job.trace = self.trace.job(stage, job.turn, self.pools.get(stage, ""), start)
         try:
             route = await self.host.router.submit(self.host.publisher, stage, job, self.pools.get(stage))  # type: ignore[arg-type]
         except Exception as exc:  # Redis refused the job: the turn fails as if its job had been dead-lettered
@@ -369,18 +391,6 @@ class CallSession:
             for old in [k for k in self.times if k < turn - 20]:
                 del self.times[old]
         return t
-
-    def _on_mark(self, msg: TurnMark) -> None:
-        t = self._times(msg.turn)
-        if msg.stage == "llm" and msg.mark == "ttft":
-            t.llm_ttft_ms = msg.value_ms
-        elif msg.stage == "tts" and msg.mark == "first_audio":
-            t.tts_first_audio_ms = msg.value_ms
-        elif msg.stage == "tts" and msg.mark == "first_clause":
-            t.tts_first_clause_ms = msg.value_ms
-        elif msg.mark in ("queue_wait", "token_hop") and msg.stage in ("asr", "llm", "tts"):
-            if msg.mark == "token_hop" or msg.stage != "tts":  # the TTS job waits for tokens off the critical path
-                t.hops[f"{msg.stage}_{msg.mark}"] = msg.value_ms
 
     def _send_waterfall(self, t: TurnTimes) -> None:
         self.sink.send_control({"type": "turn_metrics", **t.waterfall()})

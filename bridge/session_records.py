@@ -52,3 +52,10 @@ def record(publisher: BatchPublisher, sid: str, cmd: ev.Record, t: TurnTimes,
     elif kind == "merged":
         metrics.TURNS_MERGED.inc()
         publish(events, TurnMark(session=sid, turn=turn, stage="turn", mark="merged"))
+
+
+def playout_mark(publisher: BatchPublisher, sid: str, turn: int, mark: str, played_ms: float) -> None:
+    """Where the caller's playout of `turn` stands, into the recording: "start" (first frame
+    sent), "end" (last frame sent) or "flushed" (a barge-in cut it), with the audio sent so far."""
+    publisher.publish_nowait(Keys.events(sid), TurnMark(session=sid, turn=turn, stage="playout", mark=mark,
+                                                         value_ms=round(played_ms, 1)))

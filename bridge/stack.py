@@ -15,14 +15,15 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from shared.config import ALL_STAGES, STAGES, Config, PoolConfig, load_config
 from shared.admin.embedded_redis import redis_url_or_embedded
+from shared.config import ALL_STAGES, STAGES, Config, PoolConfig, load_config
 from shared.exits import describe_exit
 from shared.redis_conn import connect, redact_url
+from shared.tasks import finish_task
 
 log = logging.getLogger("voxbus.stack")
 
@@ -38,6 +39,7 @@ class WorkerProcess:
     proc: asyncio.subprocess.Process
     output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=40))
     ready_at: float | None = None
+    pumping: asyncio.Task[None] | None = None  # copies its output into `output` (ends with the process)
 
     async def pump(self, echo: bool) -> None:
         assert self.proc.stdout is not None
@@ -86,7 +88,7 @@ async def start_workers(redis_url: str, config: Config, pools_file: str | None, 
         proc = await asyncio.create_subprocess_exec(
             *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         wp = WorkerProcess(pool.name, stage, proc)
-        asyncio.create_task(wp.pump(verbose))
+        wp.pumping = asyncio.create_task(wp.pump(verbose), name=f"pump-{pool.name}")
         procs.append(wp)
         status(f"{stage}", "starting", f"pool {pool.name} ({pool.gpu_type}): {pool.engine} {pool.options.get('model', '')}")
     redis = connect(redis_url)
@@ -132,6 +134,8 @@ async def stop_workers(procs: list[WorkerProcess], timeout_s: float = 10.0) -> N
             with contextlib.suppress(ProcessLookupError):
                 p.proc.kill()
             await p.proc.wait()
+        if p.pumping is not None:
+            await finish_task(p.pumping, grace_s=1.0)
 
 
 @dataclass

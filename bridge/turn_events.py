@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 # ------------------------------------------------------------------ events
 
@@ -124,13 +124,13 @@ class Tick:
     now: float
 
 
-Event = Union[VadStart, VadPause, VadResume, VadEnd, EotVerdict, TranscriptIn, TokenIn, AudioQueued, FramePlayed,
-              ClientInterrupt, JobFailedIn, JobCancelledIn, JobBusy, Tick]
+Event = (VadStart | VadPause | VadResume | VadEnd | EotVerdict | TranscriptIn | TokenIn | AudioQueued | FramePlayed
+         | ClientInterrupt | JobFailedIn | JobCancelledIn | JobBusy | Tick)
 
 # ------------------------------------------------------------------ commands
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     LISTENING = "listening"
     USER_SPEAKING = "user_speaking"
     THINKING = "thinking"
@@ -230,7 +230,9 @@ class Record:
     """Something the recording (the session's events stream) and the metrics should show.
 
     kind: "interrupt" (source), "false_interruption", "turn_end" (by, silence_ms,
-    end_frame), "eot" (prob, complete), "preemptive" (outcome), "merged" (into).
+    end_frame), "eot" (prob, complete), "eot_cue" (cue: the preemptive transcript ends on a
+    continuation cue, so the model's "complete" cannot end the turn), "preemptive" (outcome),
+    "merged" (into).
     """
 
     kind: str
@@ -238,5 +240,5 @@ class Record:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Command = Union[SetPhase, SubmitAsr, StartReply, Say, ScoreTurn, CancelTurn, RemoveUserText, AppendAgentText, CommitHeard,
-                Playout, SendTokens, Control, Record]
+Command = (SetPhase | SubmitAsr | StartReply | Say | ScoreTurn | CancelTurn | RemoveUserText | AppendAgentText | CommitHeard
+           | Playout | SendTokens | Control | Record)

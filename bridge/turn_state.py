@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .turn_events import (
     CancelTurn,
@@ -19,17 +20,31 @@ from .turn_events import (
     TokenIn,
 )
 
+if TYPE_CHECKING:
+    from shared.config import BridgeConfig
+
 
 @dataclass(frozen=True, slots=True)
 class TurnConfig:
     barge_in_min_speech_ms: float = 200.0
     false_interrupt_timeout_ms: float = 1500.0
     # "none": the VAD's silence timeout ends a turn. Anything else names an end-of-turn model that
-    # scores each pause: a probability >= eot_threshold ends the turn once min_endpoint_ms of
-    # silence has passed; otherwise the VAD's (longer) timeout does.
+    # scores each pause: a probability >= eot_fast_threshold ends the turn at once, one >=
+    # eot_threshold once min_endpoint_ms of silence has passed; otherwise the VAD's (longer)
+    # timeout does.
     eot: str = "none"
     eot_threshold: float = 0.5
     min_endpoint_ms: float = 0.0
+    eot_fast_threshold: float = 1.0  # 1.0: no fast path (every "complete" waits min_endpoint_ms)
+    # A language of bridge.turn_text (e.g. "en"): the model's "complete" also needs the preemptive
+    # transcript, with no continuation cue at its end ("My name is", "a table for", "um"); a cue
+    # leaves the end to the VAD's timeout. "": the model alone.
+    eot_language: str = ""
+    eot_extra_cues: tuple[str, ...] = ()  # more cue words or phrases, added to the language's
+    eot_unpunctuated: bool = False  # a transcript with no final . ? ! is a cue too (an ASR that punctuates)
+    # Any "complete" also waits this many ms of silence per second the turn has lasted so far: a caller
+    # who has held the floor for a while (a story, a list, a reading) gets longer to go on.
+    min_endpoint_per_s: float = 0.0
     # While the caller stays silent after an "incomplete" verdict, ask again this often (the model
     # hears the growing silence): 0 asks once per pause.
     rescore_ms: float = 200.0
@@ -40,6 +55,18 @@ class TurnConfig:
     # the caller is told, as for a late job, instead of waiting in silence.
     reply_timeout_ms: float = 15_000.0
     frame_ms: float = 20.0
+
+    @classmethod
+    def from_bridge(cls, b: BridgeConfig) -> TurnConfig:
+        """The turn machine's settings from the pools file's [bridge] table."""
+        return cls(
+            barge_in_min_speech_ms=b.barge_in_min_speech_ms, false_interrupt_timeout_ms=b.false_interrupt_timeout_ms,
+            eot=b.eot, eot_threshold=b.eot_threshold, min_endpoint_ms=b.min_endpoint_ms,
+            eot_fast_threshold=b.eot_fast_threshold, eot_language="" if b.eot_language == "none" else b.eot_language,
+            eot_extra_cues=tuple(b.eot_extra_cues), eot_unpunctuated=b.eot_unpunctuated,
+            min_endpoint_per_s=b.min_endpoint_per_s, rescore_ms=b.eot_rescore_ms, pause_ms=b.preemptive_pause_ms,
+            busy_message=b.busy_message, reply_timeout_ms=b.reply_timeout_ms,
+        )
 
 
 @dataclass
@@ -54,6 +81,7 @@ class Spec:
     generating: bool = False
     held_tokens: list[TokenIn] = field(default_factory=list)
     prob: float | None = None  # the end-of-turn model's latest verdict
+    cue: str | None = None  # the continuation cue its transcript ends on (see bridge.turn_text)
     scoring: bool = False  # a ScoreTurn is out
     scored_at: float = 0.0  # when the latest ScoreTurn went out
 
@@ -89,6 +117,7 @@ class TurnState:
         self._spec: Spec | None = None
         self._speech_since: float | None = None  # the caller has been speaking since (VAD), else None
         self._merge_from: int | None = None  # start frame of the turn a continuation joins
+        self._ended_through = -1  # last frame of the newest ended turn
         self._pending_barge: tuple[int, float] | None = None  # (turn, deadline) of a soft VAD barge-in
         self._paused = False  # playout paused by a soft barge-in
         self._cancelled = -1  # the work of turns up to this one was cancelled

@@ -15,8 +15,15 @@ caller's speech (a *speculative* turn: ASR, LLM and TTS start at once, its
 tokens and audio are held) or at the end of the turn. The end of a turn is:
 - with `eot="none"`, the VAD's end of speech (its silence timeout);
 - with an end-of-turn model, a "complete" verdict on the utterance so far,
-  given at a pause (after `min_endpoint_ms` of silence), or else the VAD's end
-  of speech after `max_endpoint_ms`.
+  given at a pause: at once when its probability is >= `eot_fast_threshold`,
+  else after `min_endpoint_ms` of silence, and either way after at least
+  `min_endpoint_per_s` of silence per second the turn has lasted (a caller
+  who has held the floor a while gets longer to go on); or else the VAD's end
+  of speech after `max_endpoint_ms`. With `eot_language` set, a "complete"
+  also waits for the pause's (preemptive) transcript, and a transcript that
+  ends on a continuation cue ("a table for", "My name is", "um", "5 5 5": see
+  bridge/turn_text.py) leaves the end to the VAD. The audio model hears how
+  the caller stopped, the words say where: either can keep the turn open.
 A speculative turn whose range the end confirms is released at once;
 otherwise it is abandoned (cancelled, its context entry removed).
 
@@ -64,6 +71,7 @@ from .turn_events import (
 )
 from .turn_replies import ReplyRules
 from .turn_state import Spec, TurnConfig, TurnRecord
+from .turn_text import continuation_cue, cues_for
 
 __all__ = ["TurnConfig", "TurnMachine", "TurnRecord"]
 
@@ -123,6 +131,8 @@ class TurnMachine(ReplyRules):
 
     def _on_vad_end(self, ev: VadEnd, out: list[Command]) -> None:
         self._speech_since = None
+        if ev.end_frame <= self._ended_through and self._merge_from is None:
+            return  # the model already ended this speech; the VAD's timeout only confirms it
         start = self._start_of(ev.start_frame)
         spec = self._spec
         if spec is not None and (spec.start_frame, spec.end_frame) == (start, ev.end_frame):
@@ -147,6 +157,18 @@ class TurnMachine(ReplyRules):
         spec.scoring = False
         self._end_on_verdict(ev.now, out)
 
+    def _on_transcript(self, ev: TranscriptIn, out: list[Command]) -> None:
+        super()._on_transcript(ev, out)
+        spec = self._spec
+        if (not ev.final or spec is None or spec.turn != ev.turn or not self.cfg.eot_language
+                or self.cfg.eot == "none"):
+            return
+        spec.cue = continuation_cue(ev.text, cues_for(self.cfg.eot_language, self.cfg.eot_extra_cues),
+                                    self.cfg.eot_unpunctuated)
+        if spec.cue is not None:
+            out.append(Record("eot_cue", spec.turn, {"cue": spec.cue}))
+        self._end_on_verdict(ev.now, out)
+
     def _score(self, spec: Spec, now: float, out: list[Command]) -> None:
         spec.scoring, spec.scored_at = True, now
         out.append(ScoreTurn(spec.turn, spec.start_frame, spec.end_frame))
@@ -155,8 +177,8 @@ class TurnMachine(ReplyRules):
         """The caller is still silent after an "incomplete": ask the model again, with the longer silence."""
         spec = self._spec
         if (spec is None or spec.scoring or spec.prob is None or self.cfg.rescore_ms <= 0
-                or spec.prob >= self.cfg.eot_threshold):
-            return
+                or spec.prob >= self.cfg.eot_threshold or spec.cue is not None):
+            return  # (after a continuation cue no verdict can end the turn: the VAD's timeout will)
         if (now - spec.scored_at) * 1000 + 1e-6 >= self.cfg.rescore_ms:
             self._score(spec, now, out)
 
@@ -164,18 +186,28 @@ class TurnMachine(ReplyRules):
         spec = self._spec
         if spec is None or spec.prob is None or spec.prob < self.cfg.eot_threshold:
             return
+        if self.cfg.eot_language and (spec.transcript is None or spec.cue is not None):
+            return  # the words so far are not in yet (the reply waits for them anyway), or want more
         silence_ms = (now - spec.paused_at) * 1000 + self.cfg.pause_ms
-        if silence_ms + 1e-6 >= self.cfg.min_endpoint_ms:
+        fast = spec.prob >= self.cfg.eot_fast_threshold and self.cfg.eot_fast_threshold < 1.0
+        turn_s = (spec.end_frame - spec.start_frame + 1) * self.cfg.frame_ms / 1000
+        wait_ms = max(0.0 if fast else self.cfg.min_endpoint_ms, turn_s * self.cfg.min_endpoint_per_s)
+        if silence_ms + 1e-6 >= wait_ms:
             self._end_turn(now, spec.turn, spec.start_frame, spec.end_frame, "model", silence_ms, out)
 
     def _start_of(self, frame: int) -> int:
-        return frame if self._merge_from is None else min(frame, self._merge_from)
+        if self._merge_from is not None:
+            return min(frame, self._merge_from)
+        # The VAD's utterance can span a turn the model already ended at a pause (the caller spoke
+        # again before the VAD's silence timeout): the new turn starts after the ended one.
+        return max(frame, self._ended_through + 1)
 
     # ------------------------------------------------------------- the end of a turn
 
     def _end_turn(self, now: float, turn: int, start: int, end: int, by: str, silence_ms: float,
                   out: list[Command]) -> None:
         self._merge_from = None
+        self._ended_through = max(self._ended_through, end)
         rec = self.turns[turn] = TurnRecord(turn, start, end, ended_at=now)
         for old in [t for t in self.turns if t < turn - 8]:
             del self.turns[old]

@@ -8,7 +8,10 @@ prints it. No decision reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .playout import PlayoutStats
 
 
 @dataclass
@@ -34,6 +37,28 @@ class TurnTimes:
     tts_first_clause_ms: float = 0.0  # TTS job start -> first clause of tokens ready
     hops: dict[str, float] = field(default_factory=dict)  # Redis hops on the critical path, ms
     tokens: list[str] = field(default_factory=list)  # the reply's token texts as they came
+    playout_gap_ms: float = 0.0  # longest underrun while the reply played (silence between its first and last frame)
+    playout_gaps: int = 0  # underruns
+    playout_gap_total_ms: float = 0.0
+    clause_frames: list[int] = field(default_factory=list)  # frames played per TTS piece
+
+    def set_playout(self, stats: PlayoutStats | None) -> None:
+        """How the reply played out (`Playout.turn_stats`), once its last frame went."""
+        if stats is not None:
+            self.playout_gap_ms, self.playout_gaps = stats.gap_ms, stats.gaps
+            self.playout_gap_total_ms, self.clause_frames = stats.gap_total_ms, list(stats.clause_frames)
+
+    def apply_mark(self, stage: str, mark: str, value_ms: float) -> None:
+        """A worker's `TurnMark` of this turn."""
+        if stage == "llm" and mark == "ttft":
+            self.llm_ttft_ms = value_ms
+        elif stage == "tts" and mark == "first_audio":
+            self.tts_first_audio_ms = value_ms
+        elif stage == "tts" and mark == "first_clause":
+            self.tts_first_clause_ms = value_ms
+        elif mark in ("queue_wait", "token_hop") and stage in ("asr", "llm", "tts"):
+            if mark == "token_hop" or stage != "tts":  # the TTS job waits for tokens off the critical path
+                self.hops[f"{stage}_{mark}"] = value_ms
 
     @property
     def bus_overhead_ms(self) -> float:
@@ -56,5 +81,6 @@ class TurnTimes:
             "tts_first_clause_ms": round(self.tts_first_clause_ms, 1), "bus_overhead_ms": round(self.bus_overhead_ms, 2),
             "hops": {k: round(v, 2) for k, v in self.hops.items()},
             "user_text": self.user_text, "agent_text": self.agent_text, "heard_text": self.heard_text,
-            "interrupted": self.interrupted,
+            "interrupted": self.interrupted, "playout_gap_ms": self.playout_gap_ms, "playout_gaps": self.playout_gaps,
+            "playout_gap_total_ms": self.playout_gap_total_ms, "clause_frames": list(self.clause_frames),
         }

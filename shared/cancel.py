@@ -33,16 +33,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import metrics
-from .logs import RateLimitedLog
 from .bus.entries import count_rejected
-from .protocol import PREFIX, Cancel, Keys, ProtocolError, RejectReason, decode_as, encode
+from .logs import RateLimitedLog
+from .protocol import Cancel, Keys, ProtocolError, RejectReason, decode_as, encode
 from .redis_conn import TRANSIENT_ERRORS, Backoff, is_cluster, mget, node_client
 from .tasks import finish_task
 
 log = logging.getLogger("voxbus.cancel")
 _limited = RateLimitedLog(log)
 
-CANCEL_PATTERN = f"{PREFIX}:{{*}}:cancel"
 CANCELLED_TTL_S = 24 * 3600
 
 
@@ -59,7 +58,7 @@ async def publish_cancel(redis: aioredis.Redis, cancel: Cancel) -> int:
     pipe = redis.pipeline(transaction=False)
     pipe.set(Keys.cancelled_turn(cancel.session), cancel.turn, ex=CANCELLED_TTL_S)
     pipe.publish(Keys.cancel_channel(cancel.session), encode(cancel))
-    return (await pipe.execute())[1]
+    return int((await pipe.execute())[1])
 
 
 async def cancelled_turn(redis: aioredis.Redis, session: str) -> int:
@@ -160,7 +159,7 @@ class CancelHub:
             own_client: aioredis.Redis | None = None
             try:
                 pubsub, own_client = await self._pubsub()
-                await pubsub.psubscribe(CANCEL_PATTERN)
+                await pubsub.psubscribe(Keys.CANCEL_PATTERN)
                 # redis-py reconnects (and re-subscribes) a broken pub/sub connection by itself
                 # inside get_message(), so this loop may never see the error: resync from there too.
                 if pubsub.connection is not None:

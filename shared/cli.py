@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -26,11 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("shared.admin.top", "live terminal view of pools, workers, queues and sessions"),
     "record": ("shared.admin.recording", "export a session (its streams and context) to one file"),
     "sessions": ("shared.admin.recording:sessions", "list recent sessions with duration, turns and outcome"),
+    "archive": ("shared.admin.archive_cli", "archive sessions now (a live one as a snapshot), or --sweep every ended one"),
     "replay": ("bridge.replay", "replay a recorded session against today's workers and compare turn by turn"),
+    "inspect": ("shared.admin.inspect", "write one session (or a recording) as a self-contained HTML timeline"),
 }
 
 
-def _entry(target: str, pattern: str):
+def _entry(target: str, pattern: str) -> Any:
     module, _, suffix = target.partition(":")
     name = pattern.format(f"{suffix}_" if suffix else "").rstrip("_")
     return getattr(importlib.import_module(module), name)
@@ -53,9 +56,14 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`argv` (without the program name) parsed as `voxbus` parses it: the command's arguments included."""
+    return build_parser(_command_of(argv)).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(_command_of(argv)).parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -20,10 +21,10 @@ from .bus.entries import count_rejected, dead_letter
 from .protocol import (
     ENTRY_FIELD,
     MAX_ENTRY_BYTES,
+    STAGE_JOB,
     DeadLetter,
     Job,
     Keys,
-    STAGE_JOB,
     ProtocolError,
     RejectReason,
     decode_entry,
@@ -35,11 +36,10 @@ from .redis_conn import TRANSIENT_ERRORS
 log = logging.getLogger("voxbus.jobs")
 
 
-# Rejection reasons quote the offending input (sizes, session ids, type tags): as
-# metric labels they would let garbage create unbounded time series. Map each
-# reason to one of these few labels instead (first match wins).
 @dataclass(slots=True)
 class Delivery:
+    """One job as a worker received it: its stream entry, the job, and how many times it was delivered."""
+
     entry_id: str
     job: Job
     deliveries: int
@@ -99,7 +99,8 @@ class JobQueue:
             await self.ensure_group()  # stream or group vanished (Redis restarted without data)
             return []
         out: list[Delivery] = []
-        for _key, entries in reply or []:
+        streams = cast(list[tuple[Any, list[tuple[bytes, dict[bytes, bytes]]]]], reply or [])
+        for _key, entries in streams:
             for entry_id, fields in entries:
                 delivery = await self._parse(entry_id, fields, deliveries=1)
                 if delivery:
@@ -138,10 +139,11 @@ class JobQueue:
         ids = [row["message_id"] for row in rows]
         if not ids:
             return []
-        entries = await self.redis.xclaim(self.key, self.group, self.consumer, min_idle_time=min_idle_ms, message_ids=ids)
+        entries = await self.redis.xclaim(self.key, self.group, self.consumer, min_idle_time=min_idle_ms,
+                                          message_ids=list(ids))
         return await self._take(entries)
 
-    async def _take(self, entries: list) -> list[Delivery]:
+    async def _take(self, entries: list[Any]) -> list[Delivery]:
         """Claimed entries -> deliveries; those over the delivery cap go to the DLQ."""
         entries = [(eid, fields) for eid, fields in entries if fields is not None]
         if not entries:
@@ -157,7 +159,7 @@ class JobQueue:
                 continue
             if n > self.max_deliveries:
                 reason = await self.redis.hget(self.errors, eid)
-                last = f"; last error: {reason.decode()}" if reason else ""
+                last = f"; last error: {_text(reason)}" if reason else ""
                 await self._dead_letter(eid, fields.get(ENTRY_FIELD, b""), f"exceeded {self.max_deliveries} deliveries{last}", n)
                 continue
             metrics.JOBS_RECLAIMED.labels(self.pool).inc()
@@ -198,13 +200,14 @@ class JobQueue:
         # justid leaves the delivery count alone (handing back is not a failure).
         try:
             await self.redis.xclaim(
-                self.key, self.group, "released", min_idle_time=0, message_ids=[entry_id], idle=10**9, justid=True
+                self.key, self.group, Keys.RELEASED_CONSUMER, min_idle_time=0, message_ids=[entry_id], idle=10**9,
+                justid=True
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):  # the group vanished (Redis restarted): nothing to hand back
                 raise
 
-    async def _delivery_counts(self, ids: list) -> dict[str, int]:
+    async def _delivery_counts(self, ids: list[Any]) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
         for eid in ids:
             pipe.xpending_range(self.key, self.group, min=eid, max=eid, count=1)
@@ -215,7 +218,7 @@ class JobQueue:
                 counts[mid.decode() if isinstance(mid, bytes) else mid] = int(row["times_delivered"])
         return counts
 
-    async def _parse(self, entry_id, fields: dict[bytes, bytes], deliveries: int) -> Delivery | None:
+    async def _parse(self, entry_id: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Delivery | None:
         eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         try:
             job = decode_entry(fields)
@@ -228,7 +231,7 @@ class JobQueue:
             payload = fields.get(ENTRY_FIELD) or b"".join(k + b"=" + v for k, v in fields.items())
             await self._dead_letter(eid, payload, f"malformed: {exc}", deliveries)
             return None
-        return Delivery(eid, job, deliveries)
+        return Delivery(eid, cast(Job, job), deliveries)
 
     async def _dead_letter(self, entry_id: str, payload: bytes, reason: str, deliveries: int) -> None:
         letter = DeadLetter(
@@ -243,3 +246,7 @@ class JobQueue:
             except TRANSIENT_ERRORS:
                 if attempt == 2:
                     raise
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

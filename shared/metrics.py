@@ -85,3 +85,10 @@ ENDPOINTING_MS = Histogram(
 VOICE_TO_VOICE_MS = Histogram(
     "voxbus_voice_to_voice_ms", "Last voiced frame of the caller -> first agent audio frame sent", buckets=VOICE_BUCKETS_MS
 )
+
+# --- archive (shared/admin/archiving.py): the process that archived a session counts it ---
+ARCHIVED = Counter("voxbus_archive_sessions_total",
+                   "Sessions written to the archive, by outcome (archived, snapshot, empty, failed)", ["outcome"])
+ARCHIVE_BYTES = Counter("voxbus_archive_bytes_total", "Bytes of recordings written to the archive")
+ARCHIVE_SECONDS = Histogram("voxbus_archive_seconds", "Export, compression and upload of one session",
+                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))

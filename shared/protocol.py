@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import re
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
@@ -28,6 +28,8 @@ FRAME_MS = 20
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
 FRAME_BYTES = FRAME_SAMPLES * 2  # PCM16 mono
 MAX_FRAME_BYTES = FRAME_BYTES * 5  # 100 ms: anything bigger is not a frame
+MAX_OPUS_PACKET_BYTES = 1275  # the largest packet Opus defines (RFC 6716, 3.2.1)
+MAX_OUT_PACKETS = 100  # 2 s of 20 ms packets per agent audio chunk, as MAX_OUT_CHUNK_BYTES for PCM
 MAX_OUT_CHUNK_BYTES = 48_000 * 2 * 2  # 2 s of 48 kHz PCM16 agent audio
 MAX_TEXT_CHARS = 16_384
 MAX_ENTRY_BYTES = 256 * 1024  # any stream entry above this is rejected undecoded
@@ -37,7 +39,7 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _POOL_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
-class RejectReason(str, enum.Enum):
+class RejectReason(enum.StrEnum):
     """Why an entry was refused: the `reason` label of voxbus_bus_rejected_total, and the dead letter's kind.
 
     Set where the refusal is decided (never guessed from an error's wording), so
@@ -55,6 +57,18 @@ class RejectReason(str, enum.Enum):
     UNKNOWN_SESSION = "unknown session"  # a job of a session with no recording and no context
     WRONG_SEQ = "wrong seq"  # a caller frame whose seq is not its entry id's
     WRONG_CHANNEL = "wrong channel"  # a cancel naming another session than its channel's
+
+
+class JobOutcome(enum.StrEnum):
+    """How one delivery of a job ended (`JobRun.outcome`, the `voxbus_jobs_total` label)."""
+
+    DONE = "done"
+    CANCELLED = "cancelled"  # stopped by a barge-in while it ran
+    SKIPPED = "skipped"  # its turn was cancelled before it started
+    LATE = "late"  # picked up past its deadline and dropped (the pool is overloaded)
+    REJECTED = "rejected"  # for an unknown session: dead-lettered without running
+    RETRIED = "retried"  # failed; left pending for another try
+    DEAD_LETTERED = "dead_lettered"  # failed its last try
 
 
 class ProtocolError(ValueError):
@@ -140,6 +154,38 @@ class Keys:
     def session_streams(sid: str) -> list[str]:
         return [Keys.audio_in(sid), Keys.events(sid), Keys.tokens(sid), Keys.audio_out(sid)]
 
+    @staticmethod
+    def ended(sid: str) -> str:
+        """When the call ended (wall-clock seconds): set by the bridge that closed it, or by the archiver
+        that found it orphaned (its bridge died)."""
+        return Keys._s(sid, "ended")
+
+    @staticmethod
+    def archived(sid: str) -> str:
+        """Set (JSON: where, when, bytes) once the ended call's recording is in the archive: it is not archived again."""
+        return Keys._s(sid, "archived")
+
+    @staticmethod
+    def archive_lock(sid: str) -> str:
+        """Who is archiving the session now (SET NX EX): one archiver at a time, across processes."""
+        return Keys._s(sid, "archiving")
+
+    @staticmethod
+    def session_keys(sid: str) -> list[str]:
+        """Every key of the session that its retention expires (its claim stays longer: ids are never reused)."""
+        return [*Keys.session_streams(sid), Keys.ctx(sid), Keys.meta(sid), Keys.cancelled_turn(sid), Keys.ended(sid),
+                Keys.archived(sid)]
+
+    @staticmethod
+    def pool_keys(pool: str) -> list[str]:
+        """Every key of one pool: its job stream, dead letters, error log and live-worker set."""
+        return [Keys.pool_jobs(pool), Keys.pool_dlq(pool), Keys.pool_errors(pool), Keys.pool_workers(pool)]
+
+    @staticmethod
+    def bridge(bridge_id: str) -> str:
+        """A bridge's heartbeat (a key with a short TTL): a session whose claim names a bridge without one is orphaned."""
+        return f"{PREFIX}:bridge:{bridge_id}"
+
     # --- per pool ---
     @staticmethod
     def pool_jobs(pool: str) -> str:
@@ -169,11 +215,30 @@ class Keys:
         """Worker registry record (hash with a TTL refreshed by heartbeats)."""
         return f"{PREFIX}:worker:{validate_pool_name(pool)}:{worker_id}"
 
+    @staticmethod
+    def worker_pattern(pool: str) -> str:
+        """SCAN pattern matching every worker record of `pool`."""
+        return f"{PREFIX}:worker:{validate_pool_name(pool)}:*"
+
+    @staticmethod
+    def session_pattern(prefix: str = "") -> str:
+        """SCAN pattern matching every per-session key of sessions whose id starts with `prefix`."""
+        return f"{PREFIX}:{{{prefix}*"
+
+    @staticmethod
+    def bench(name: str) -> str:
+        """A key of a benchmark's own (outside every session and pool), deleted by the benchmark."""
+        return f"{PREFIX}:bench:{name}"
+
     POOLS = f"{PREFIX}:pools"  # set of pool names that ever had a worker
+    CANCEL_PATTERN = f"{PREFIX}:{{*}}:cancel"  # PSUBSCRIBE pattern of every session's cancel channel
+    RELEASED_CONSUMER = "released"  # where a draining worker parks the jobs it hands back (claimable at once)
 
     # --- global ---
     DLQ = f"{PREFIX}:dlq"  # rejected entries from non-group readers (bridge, replay)
     SESSIONS = f"{PREFIX}:sessions"  # sorted set: session id -> start time
+    ARCHIVE_PENDING = f"{PREFIX}:archive:pending"  # sorted set: session id -> start time, until it is archived
+    ARCHIVE_EXPIRING = f"{PREFIX}:archive:expiring"  # sorted set: archived session id -> when its keys are deleted
 
 
 # Explicit entry ids. audio.in entries are numbered by frame seq, so an ASR job's
@@ -265,6 +330,22 @@ class AudioFrame(Message, tag="audio.frame/1"):
             raise ValueError(f"frame of {len(self.pcm)} bytes: expected even, 2..{MAX_FRAME_BYTES}")
 
 
+class OpusFrame(Message, tag="audio.opus/1"):
+    """20 ms of caller audio (16 kHz mono) as one Opus packet: what bridges write since recordings
+    were made compact (`shared.opus`). `AudioFrame` (PCM) is still read, from older recordings."""
+
+    seq: int
+    opus: bytes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < len(self.opus) <= MAX_OPUS_PACKET_BYTES:
+            raise ValueError(f"Opus packet of {len(self.opus)} bytes: expected 1..{MAX_OPUS_PACKET_BYTES}")
+
+
+CallerFrame = AudioFrame | OpusFrame  # what audio.in may hold
+
+
 class SpeechStart(Message, tag="speech.start/1"):
     frame: int  # seq of the first voiced frame
     prob: float = 0.0
@@ -296,6 +377,7 @@ class EotDecision(Message, tag="eot.decision/1"):
     start_frame: int = 0
     end_frame: int = 0
     cost_ms: float = 0.0
+    trace: str = ""
 
 
 class Interrupt(Message, tag="interrupt/1"):
@@ -321,6 +403,7 @@ class AsrJob(Message, tag="job.asr/1"):
     final: bool = True
     language: str | None = None
     deadline: float = 0.0  # wall clock: a worker that claims the job later drops it (0: none)
+    trace: str = ""  # W3C traceparent of the bridge's span for this job ("": not traced)
 
 
 class EotJob(Message, tag="job.eot/1"):
@@ -330,6 +413,7 @@ class EotJob(Message, tag="job.eot/1"):
     start_seq: int
     end_seq: int
     deadline: float = 0.0
+    trace: str = ""
 
 
 class Transcript(Message, tag="transcript/1"):
@@ -339,6 +423,7 @@ class Transcript(Message, tag="transcript/1"):
     start_seq: int = 0
     end_seq: int = 0
     asr_ms: float = 0.0
+    trace: str = ""  # the job's span, so a reader can join the result to its trace
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -351,6 +436,7 @@ class LlmJob(Message, tag="job.llm/1"):
     turn: int
     max_tokens: int = 256
     deadline: float = 0.0
+    trace: str = ""
 
 
 class TokenChunk(Message, tag="token/1"):
@@ -371,6 +457,7 @@ class TtsJob(Message, tag="job.tts/1"):
     text: str | None = None
     voice: str | None = None
     deadline: float = 0.0
+    trace: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -395,6 +482,27 @@ class AudioOut(Message, tag="audio.out/1"):
             raise ValueError(f"agent audio rate {self.rate} Hz outside 8000..48000")
         if len(self.pcm) > MAX_OUT_CHUNK_BYTES or len(self.pcm) % 2:
             raise ValueError(f"agent audio chunk of {len(self.pcm)} bytes is odd or too large")
+
+
+class OpusOut(Message, tag="audio.out.opus/1"):
+    """A chunk of agent speech as 20 ms Opus packets of one stream per turn (`shared.opus`): what
+    TTS workers write since recordings were made compact. `AudioOut` (PCM) is still read."""
+
+    turn: int
+    seq: int
+    packets: list[bytes] = []
+    final: bool = False
+    text: str = ""  # set on the chunk where a clause starts: what this audio says
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_text(self.text, "clause text")
+        if len(self.packets) > MAX_OUT_PACKETS or any(not 0 < len(p) <= MAX_OPUS_PACKET_BYTES for p in self.packets):
+            raise ValueError(f"agent audio chunk of {len(self.packets)} packets: at most {MAX_OUT_PACKETS}, "
+                             f"each 1..{MAX_OPUS_PACKET_BYTES} bytes")
+
+
+AgentAudio = AudioOut | OpusOut  # what audio.out may hold
 
 
 class TurnMark(Message, tag="turn.mark/1"):
@@ -422,6 +530,26 @@ class JobDropped(Message, tag="job.dropped/1"):
     stage: str
     late_ms: float
     pool: str = ""
+
+
+class JobRun(Message, tag="job.run/1"):
+    """Written into the session's events by the worker when it is done with one delivery of a job:
+    who ran it (pool, GPU type, worker), when it was queued, picked up and finished, and how it
+    ended. `voxbus inspect` builds its jobs table from these."""
+
+    turn: int
+    stage: str
+    pool: str
+    gpu_type: str
+    worker: str
+    entry_id: str
+    queued: float  # the job's own ts: when the bridge enqueued it
+    started: float  # when this worker picked it up
+    ended: float
+    outcome: JobOutcome
+    deliveries: int = 1  # >1: a retry, after a failure or a dead worker
+    reason: str = ""
+    trace: str = ""
 
 
 class JobFailed(Message, tag="job.failed/1"):
@@ -482,16 +610,17 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     wait_p95_ms: float = 0.0  # queue wait (enqueue to start) of recent jobs
 
 
-AnyMessage = Union[
-    AudioFrame, SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Cancel, AsrJob, Transcript, LlmJob,
-    TokenChunk, TtsJob, AudioOut, TurnMark, Cancelled, JobFailed, SessionMeta, ChatMessage, EotJob, JobDropped,
-]
-Job = Union[AsrJob, LlmJob, TtsJob, EotJob]
+AnyMessage = (
+    AudioFrame | SpeechStart | SpeechPause | SpeechEnd | EotDecision | Interrupt | Cancel | AsrJob | Transcript | LlmJob
+    | TokenChunk | TtsJob | AudioOut | TurnMark | Cancelled | JobFailed | SessionMeta | ChatMessage | EotJob | JobDropped
+    | JobRun | OpusFrame | OpusOut
+)
+Job = AsrJob | LlmJob | TtsJob | EotJob
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
 _dlq_decoder = msgspec.msgpack.Decoder(DeadLetter)
-KNOWN_TAGS: frozenset[str] = frozenset(t.__struct_config__.tag for t in AnyMessage.__args__)  # type: ignore[attr-defined]
+KNOWN_TAGS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in AnyMessage.__args__)
 
 
 def encode(msg: Message | DeadLetter | WorkerRecord) -> bytes:
@@ -531,7 +660,7 @@ def decode_as(data: bytes, *types: type[Message]) -> Any:
     """Decode and check the message is one of `types` (e.g. a pool only takes its job)."""
     msg = decode(data)
     if not isinstance(msg, types):
-        names = ", ".join(t.__struct_config__.tag for t in types)  # type: ignore[attr-defined]
+        names = ", ".join(str(t.__struct_config__.tag) for t in types)
         raise ProtocolError(f"unexpected message {type(msg).__struct_config__.tag}, expected {names}",
                             RejectReason.WRONG_TYPE)
     return msg
@@ -565,11 +694,11 @@ def decode_worker(data: bytes) -> WorkerRecord:
 
 # Message types each session stream may carry (readers reject anything else).
 STREAM_TYPES: dict[str, tuple[type[Message], ...]] = {
-    "audio.in": (AudioFrame,),
+    "audio.in": (AudioFrame, OpusFrame),
     "events": (SpeechStart, SpeechPause, SpeechEnd, EotDecision, Interrupt, Transcript, TurnMark, Cancelled, JobFailed,
-               JobDropped),
+               JobDropped, JobRun),
     "tokens": (TokenChunk,),
-    "audio.out": (AudioOut,),
+    "audio.out": (AudioOut, OpusOut),
 }
 STAGE_JOB: dict[str, type[Message]] = {"asr": AsrJob, "llm": LlmJob, "tts": TtsJob, "eot": EotJob}
 Stage = Literal["asr", "llm", "tts", "eot"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -58,12 +59,13 @@ async def pool_stats(redis: aioredis.Redis, pool: str) -> PoolStats:
     stats.consumers = int(info["consumers"])
     last = _s(info["last-delivered-id"])
     now_ms = time.time() * 1000
-    head = await redis.xrange(key, f"({last}", "+", count=1)
+    head = cast(list[Any], await redis.xrange(key, f"({last}", "+", count=1))
     if head:
         stats.head_wait_ms = max(0.0, now_ms - _id_ms(head[0][0]))
     lag = info.get("lag")
     if lag is None:  # Redis 6.2, or a lag Redis 7 cannot compute after deletions
-        stats.lag = len(await redis.xrange(key, f"({last}", "+", count=LAG_SCAN_LIMIT)) if head else 0
+        later = cast(list[Any], await redis.xrange(key, f"({last}", "+", count=LAG_SCAN_LIMIT)) if head else []
+        stats.lag = len(later)
     else:
         stats.lag = int(lag)
     if stats.pending:

@@ -29,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -64,8 +64,14 @@ TRANSIENT_ERRORS = (
 )
 
 
-def redis_url_from_env(default: str | None = DEFAULT_URL) -> str | None:
+def redis_url_from_env(default: str = DEFAULT_URL) -> str:
+    """$REDIS_URL, else `default`."""
     return os.environ.get("REDIS_URL") or default
+
+
+def env_redis_url() -> str | None:
+    """$REDIS_URL, or None when it is not set."""
+    return os.environ.get("REDIS_URL") or None
 
 
 # Query parameters redis-py turns into credentials (`redis://host/0?password=...`).
@@ -133,7 +139,7 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("socket_connect_timeout", 5)
     if cluster:
-        return _connect_cluster(url, **kwargs)
+        return cast(aioredis.Redis, _connect_cluster(url, **kwargs))  # the same commands, routed per slot
     kwargs.setdefault("retry", _retry())
     kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError, ConnectionResetError])
     kwargs.setdefault("max_connections", MAX_CONNECTIONS)
@@ -185,13 +191,13 @@ class ClusterClient(RedisCluster):
         async def once() -> Any:
             return await RedisCluster.execute_command(self, *args, **kwargs)
 
-        return await self._backoff_retry.call_with_retry(once, _ignore)
+        return await self._backoff_retry.call_with_retry(once, _ignore)  # type: ignore[no-untyped-call]
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if isinstance(command, str) and command.upper() in _STREAM_READS:
             keys = _stream_read_keys(args)
             if keys:
-                slots = {key_slot(self.encoder.encode(k)) for k in keys}
+                slots = {key_slot(self.encoder.encode(k)) for k in keys}  # type: ignore[no-untyped-call]
                 if len(slots) != 1:
                     raise RedisClusterException(f"{command} - all keys must map to the same key slot")
                 return slots.pop()
@@ -233,7 +239,7 @@ def _connect_cluster(url: str, **kwargs: Any) -> ClusterClient:
         raise ValueError(f"a Redis Cluster has only database 0, the URL names {parts.path.strip('/')!r}")
     # Only the number of attempts is read from it: the back-off is ClusterClient's.
     kwargs.setdefault("retry", TransientRetry(ExponentialBackoff(cap=1.0, base=0.02), retries=3))
-    return ClusterClient.from_url(url, **kwargs)
+    return cast(ClusterClient, ClusterClient.from_url(url, **kwargs))
 
 
 def is_cluster(redis: Any) -> bool:
@@ -268,8 +274,29 @@ async def mget(redis: Any, keys: Sequence[str]) -> list[bytes | None]:
     if not keys:
         return []
     if is_cluster(redis):
-        return await redis.mget_nonatomic(list(keys))
-    return await redis.mget(list(keys))
+        return cast(list[bytes | None], await redis.mget_nonatomic(list(keys)))
+    return cast(list[bytes | None], await redis.mget(list(keys)))
+
+
+# A stream entry as redis-py returns it on a bytes client (decode_responses is never set).
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+async def xrange(redis: Any, key: str, start: str = "-", end: str = "+", count: int | None = None) -> list[StreamEntry]:
+    """XRANGE with the types voxbus's clients actually return."""
+    return cast(list[StreamEntry], await redis.xrange(key, start, end, count=count))
+
+
+async def xrevrange(redis: Any, key: str, end: str = "+", start: str = "-", count: int | None = None) -> list[StreamEntry]:
+    """XREVRANGE with the types voxbus's clients actually return."""
+    return cast(list[StreamEntry], await redis.xrevrange(key, end, start, count=count))
+
+
+async def xread(redis: Any, positions: dict[str, bytes | str], count: int | None = None,
+                block_ms: int | None = None) -> list[tuple[bytes, list[StreamEntry]]]:
+    """XREAD with the types voxbus's clients actually return ([] when nothing came)."""
+    reply = await redis.xread(positions, count=count, block=block_ms)
+    return cast(list[tuple[bytes, list[StreamEntry]]], reply or [])
 
 
 async def wait_ready(client: aioredis.Redis, timeout: float = 10.0, url: str = "") -> None:
@@ -286,7 +313,7 @@ async def wait_ready(client: aioredis.Redis, timeout: float = 10.0, url: str = "
             raise RuntimeError(
                 f"Redis at {redact_url(url) or 'the configured URL'} refused the credentials: {exc}"
             ) from None
-        except (*TRANSIENT_ERRORS, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *TRANSIENT_ERRORS) as exc:
             last = exc
             await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
     reason = str(last) if last is not None and str(last) else "no reply"

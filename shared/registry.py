@@ -11,6 +11,7 @@ read with one MGET per slot.
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -41,7 +42,7 @@ async def deregister(redis: aioredis.Redis, pool: str, worker_id: str) -> None:
 
 async def live_worker_ids(redis: aioredis.Redis, pool: str, ttl_s: float = TTL_S) -> set[str]:
     cutoff = time.time() - ttl_s
-    ids = await redis.zrangebyscore(Keys.pool_workers(pool), cutoff, "+inf")
+    ids = cast(list[bytes | str], await redis.zrangebyscore(Keys.pool_workers(pool), cutoff, "+inf"))
     # forget workers dead for a long time so the set stays small
     await redis.zremrangebyscore(Keys.pool_workers(pool), "-inf", cutoff - 3600)
     return {i.decode() if isinstance(i, bytes) else i for i in ids}
@@ -54,7 +55,7 @@ async def live_workers(redis: aioredis.Redis, pool: str, ttl_s: float = TTL_S) -
 
 async def worker_records(redis: aioredis.Redis, pool: str) -> list[WorkerRecord]:
     """Records of the live workers of `pool` (expired ones are gone)."""
-    ids = await redis.zrange(Keys.pool_workers(pool), 0, -1)
+    ids = cast(list[bytes | str], await redis.zrange(Keys.pool_workers(pool), 0, -1))
     if not ids:
         return []
     raw = await mget(redis, [Keys.worker(pool, i.decode() if isinstance(i, bytes) else i) for i in ids])

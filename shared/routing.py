@@ -17,15 +17,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from . import registry
 from .bus import BatchPublisher
-from .config import Config, PoolConfig, Stage
-from .protocol import Job, Keys, TurnMark
+from .config import Config, PoolConfig
 from .metrics import JOBS_ENQUEUE_FAILED, OVERFLOWS, OVERFLOWS_REFUSED
+from .protocol import Job, Keys, Stage, TurnMark
 from .queue_stats import PoolStats, pool_stats
 
 log = logging.getLogger("voxbus.routing")
@@ -49,7 +50,7 @@ class Router:
     async def _cached(self, what: str, pool: str, fetch: Callable[[], Awaitable[T]]) -> T:
         hit = self._cache.get((what, pool))
         if hit and time.monotonic() - hit[0] < self.stats_ttl_s:
-            return hit[1]
+            return cast(T, hit[1])
         value = await fetch()
         self._cache[(what, pool)] = (time.monotonic(), value)
         return value
@@ -94,7 +95,11 @@ class Router:
             if stage == "eot":
                 continue  # a late verdict only falls back to the VAD timeout
             pool = self.config.default_pool(stage)
-            stats = await self._stats_of(pool.name)
+            try:
+                stats = await self._stats_of(pool.name)
+            except ResponseError as exc:  # figures we cannot read never keep a caller out
+                log.warning("cannot read the queue of pool %s for admission: %s", pool.name, exc)
+                continue
             if stats.head_wait_ms > max_wait_ms:
                 return f"pool {pool.name} is {stats.head_wait_ms:.0f} ms behind (limit {max_wait_ms:.0f} ms)"
         return None

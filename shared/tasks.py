@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("voxbus.tasks")
@@ -51,6 +52,9 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))  # a copy: tasks end (and leave the set) while the caller iterates
+
     def spawn(self, coro: Any, name: str, *, vital: bool = False) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.component}-{name}")
         self._tasks.add(task)
@@ -78,6 +82,14 @@ class TaskSet:
         log.critical("%s: %s; stopping so that it is restarted", self.component, self.failure,
                      exc_info=task.exception() if not task.cancelled() else None)
         self.failed.set()
+
+    def cancel_others(self) -> None:
+        """Cancel every task but the one running this (a task may end the component it belongs to)."""
+        self._closing = True
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop every task (vital ones included), waiting up to `grace_s` for each to end by itself."""

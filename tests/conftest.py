@@ -24,9 +24,9 @@ import pytest_asyncio
 import redis as sync_redis
 import redis.asyncio as aioredis
 
-from prom_samples import local_counter
 from shared.admin.embedded_redis import EmbeddedRedis
 from shared.redis_conn import DEFAULT_URL, connect, redact_url
+from tests.support.prom import local_counter
 
 
 @pytest.fixture(scope="session")

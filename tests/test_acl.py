@@ -11,8 +11,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from shared.config import parse_config
 from shared.admin.embedded_redis import EmbeddedRedis
+from shared.config import parse_config
 from shared.protocol import ChatMessage, Keys, LlmJob, encode, entry
 from workers.runtime import Worker
 
@@ -21,7 +21,7 @@ PASSWORD = "s3cret-acl-test"
 
 
 def acl_rule() -> list[str]:
-    line = next(l for l in (ROOT / "ops/redis/voxbus.acl").read_text().splitlines() if l.startswith("user "))
+    line = next(x for x in (ROOT / "ops/redis/voxbus.acl").read_text().splitlines() if x.startswith("user "))
     return [part.replace(">CHANGE-ME", f">{PASSWORD}") for part in line.split()[2:]]
 
 

@@ -35,6 +35,7 @@ from shared.protocol import (
     frame_entry_id,
     output_entry_id,
 )
+from tests.support.prom import label_values
 
 PCM = bytes(FRAME_BYTES)
 
@@ -184,6 +185,33 @@ async def test_mux_add_from_now_skips_history_and_remove_stops_following(redis: 
     assert await mux.read() == []
 
 
+async def test_a_stream_removed_while_a_sharded_round_is_in_flight_is_not_read(redis: aioredis.Redis, uid: str) -> None:
+    """More streams than one shard: the first (non-blocking) write of a round is awaited, and a call
+    that closes meanwhile removes its stream; the blocking read that follows must leave it out, not
+    fail the bridge's reader with a KeyError (seen in ops/bench/capacity.py at 200 callers)."""
+    keys = [Keys.events(f"{uid}-{i}") for i in range(5)]
+    mux = StreamMux(redis, block_ms=20, shard_size=2)
+    for key in keys:
+        await mux.add(key, last_id="0-0")
+    node = mux._node
+    wire_call = node._wire.call  # type: ignore[attr-defined]
+    calls = 0
+
+    async def call_then_close_one(data: bytes, n: int = 1) -> list[object]:
+        nonlocal calls
+        calls += 1
+        replies = await wire_call(data, n)
+        if calls == 1:
+            mux.remove(keys[3])  # the call ends while its shard's reply is on the way
+        return replies
+
+    node._wire.call = call_then_close_one  # type: ignore[attr-defined]
+    assert await mux.read() == [] and calls == 2 and keys[3] not in mux
+    await redis.xadd(keys[1], {ENTRY_FIELD: encode(TurnMark(session=f"{uid}-1", turn=0, stage="asr", mark="m"))})
+    got = await read_until(mux, lambda g: len(g) >= 1)
+    assert [r.msg.session for r in got] == [f"{uid}-1"]
+
+
 def test_check_entry_rejects_other_sessions_and_foreign_types() -> None:
     key = Keys.audio_in("alice")
     assert session_of(key) == "alice"
@@ -216,7 +244,8 @@ def session_garbage(rng: random.Random, sid: str, other: str, kind: str, i: int)
     if choice == 6:  # a valid message of a type this stream does not carry
         return {ENTRY_FIELD: encode(TokenChunk(session=sid, turn=i, seq=0, text="x"))}
     if choice == 7:
-        return {ENTRY_FIELD: msgspec.msgpack.encode({"type": "turn.mark/1", "session": f"bad id {i}!", "turn": 1, "stage": "a", "mark": "m"})}
+        bad = {"type": "turn.mark/1", "session": f"bad id {i}!", "turn": 1, "stage": "a", "mark": "m"}
+        return {ENTRY_FIELD: msgspec.msgpack.encode(bad)}
     return {ENTRY_FIELD: b""}
 
 
@@ -231,7 +260,7 @@ async def test_mux_dead_letters_10k_garbage_entries_and_delivers_every_valid_one
     valid_expected: set[tuple[str, int]] = set()
     i = 0
     for key, (sid, other, kind) in keys.items():
-        for n in range(3334):
+        for _ in range(3334):
             i += 1
             rows.append((key, session_garbage(rng, sid, other, kind, i), False))
             garbage_per_kind[kind] += 1
@@ -239,10 +268,10 @@ async def test_mux_dead_letters_10k_garbage_entries_and_delivers_every_valid_one
             msg = frame(sid, n) if kind == "audio.in" else TurnMark(session=sid, turn=n, stage="asr", mark="m")
             rows.append((key, {ENTRY_FIELD: encode(msg)}, True))
             valid_expected.add((key, n))
-    for key, (sid, _, kind) in list(keys.items())[:2]:  # oversized entries: a few are enough
+    for key in list(keys)[:2]:  # oversized entries: a few are enough
         for n in range(2):
             rows.append((key, {ENTRY_FIELD: b"\x00" * (MAX_ENTRY_BYTES + 100 + n)}, False))
-            garbage_per_kind[kind] += 1
+            garbage_per_kind[keys[key][2]] += 1
     rng.shuffle(rows)
     total_garbage = sum(garbage_per_kind.values())
     assert total_garbage >= 10_000
@@ -305,16 +334,6 @@ async def test_mux_dead_letters_10k_garbage_entries_and_delivers_every_valid_one
             await redis.xdel(Keys.DLQ, *mine[i : i + 1000])
 
 
-def label_values(name: str, label: str, **match: str) -> set[str]:
-    """Every value `label` takes in the samples of `name` whose labels include `match`."""
-    return {
-        sample.labels[label]
-        for family in REGISTRY.collect()
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items())
-    }
-
-
 async def test_mux_rejection_reasons_do_not_become_unbounded_metric_labels(redis: aioredis.Redis, uid: str) -> None:
     """Rejection reasons quote the garbage (sizes, session ids, type tags); used as a
     label they let any producer create unbounded Prometheus time series."""
@@ -323,7 +342,8 @@ async def test_mux_rejection_reasons_do_not_become_unbounded_metric_labels(redis
     garbage: list[dict[bytes, bytes]] = []
     for i in range(60):
         garbage.append({ENTRY_FIELD: msgspec.msgpack.encode({"type": f"turn.mark/{i + 2}", "session": sid})})
-        garbage.append({ENTRY_FIELD: msgspec.msgpack.encode({"type": "turn.mark/1", "session": f"bad id {i}!", "turn": 1, "stage": "a", "mark": "m"})})
+        bad = {"type": "turn.mark/1", "session": f"bad id {i}!", "turn": 1, "stage": "a", "mark": "m"}
+        garbage.append({ENTRY_FIELD: msgspec.msgpack.encode(bad)})
         garbage.append({ENTRY_FIELD: encode(TurnMark(session=f"other-{i}", turn=1, stage="a", mark="m"))})
     for n in range(5):
         garbage.append({ENTRY_FIELD: bytes(MAX_ENTRY_BYTES + 1 + n)})

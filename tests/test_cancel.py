@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from shared.cancel import CANCELLED_TTL_S, CancelHub, CancelWatch, cancelled_turn, publish_cancel
 from shared.admin.embedded_redis import EmbeddedRedis
+from shared.cancel import CANCELLED_TTL_S, CancelHub, CancelWatch, cancelled_turn, publish_cancel
 from shared.protocol import Cancel, Interrupt, Keys, encode
 from shared.redis_conn import connect
 

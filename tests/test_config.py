@@ -46,6 +46,16 @@ ice_servers = ["stun:stun.example.org:3478"]
 """
 
 
+def assert_config_error(path: Path, fragments: list[str]) -> None:
+    """Loading `path` fails with an error that starts with the file's name and holds every fragment."""
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
 def write(tmp_path: Path, text: str, name: str = "pools.toml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -152,12 +162,7 @@ BAD_FILES: dict[str, tuple[str, list[str]]] = {
 def test_invalid_pools_file_error_names_file_key_and_expectation(tmp_path: Path, case: str) -> None:
     text, fragments = BAD_FILES[case]
     path = write(tmp_path, text, f"{case}.toml")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    message = str(err.value)
-    assert message.startswith(f"{path}: "), message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert_config_error(path, fragments)
 
 
 def test_missing_pools_file_is_reported_with_its_path(tmp_path: Path) -> None:
@@ -182,3 +187,31 @@ def test_non_utf8_pools_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8") as err:
         load_config(path)
     assert str(err.value).startswith(f"{path}: invalid TOML")
+
+
+def test_tts_chunks_default_and_from_the_cpu_pools_file(tmp_path: Path) -> None:
+    chunks = load_config(write(tmp_path, VALID)).pools["tts-a"].chunks
+    assert (chunks.first_words, chunks.min_words, chunks.edge_ms, chunks.fade_ms) == (4, 3, 5, 2.0)
+    assert (chunks.clause_pause_ms, chunks.sentence_pause_ms) == (100, 250)
+    cpu = load_config(EXAMPLES_DIR / "cpu.toml").default_pool("tts").chunks
+    assert cpu.first_words == 4 and cpu.edge_ms == 5
+    off = VALID.replace('slots = 2\n\n[bridge]', 'slots = 2\nchunks = { first_words = 0, min_words = 0, edge_ms = -1 }\n\n[bridge]')
+    chunks = load_config(write(tmp_path, off, "off.toml")).pools["tts-a"].chunks
+    assert (chunks.first_words, chunks.min_words, chunks.edge_ms) == (0, 0, -1)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "fragments"),
+    [
+        ("{ first_words = -1 }", ["pools.tts-a.chunks.first_words", "expected 0 to 50", "-1"]),
+        ("{ min_words = 99 }", ["pools.tts-a.chunks.min_words", "expected 0 to 50"]),
+        ("{ edge_ms = -5 }", ["pools.tts-a.chunks.edge_ms", "expected -1 to 500"]),
+        ("{ edge_ms = 3, fade_ms = 4.0 }", ["pools.tts-a.chunks.fade_ms", "must not exceed"]),
+        ("{ sentence_pause_ms = 5000 }", ["pools.tts-a.chunks.sentence_pause_ms", "expected 0 to 2000"]),
+        ("{ first_word = 2 }", ["pools.tts-a.chunks", "first_word"]),
+        ('{ first_words = "four" }', ["pools.tts-a.chunks.first_words", "int"]),
+    ],
+)
+def test_bad_tts_chunks_are_named(tmp_path: Path, chunks: str, fragments: list[str]) -> None:
+    path = write(tmp_path, VALID.replace('slots = 2\n\n[bridge]', f'slots = 2\nchunks = {chunks}\n\n[bridge]'))
+    assert_config_error(path, fragments)

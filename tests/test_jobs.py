@@ -34,8 +34,9 @@ from shared.protocol import (
     decode_dead_letter,
     encode,
 )
+from tests.support.prom import label_values
 
-HELPER = Path(__file__).parent / "helpers" / "job_consumer.py"
+HELPER = Path(__file__).parent / "support" / "job_consumer.py"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,16 +55,6 @@ async def dead_letters(redis: aioredis.Redis, pool: str):
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def label_values(name: str, label: str, **match: str) -> set[str]:
-    """Every value `label` takes in the samples of `name` whose labels include `match`."""
-    return {
-        sample.labels[label]
-        for family in REGISTRY.collect()
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items())
-    }
 
 
 async def test_jobs_of_a_sigkilled_consumer_process_are_reclaimed_and_acked(
@@ -268,7 +259,8 @@ def job_garbage(rng: random.Random, sid: str, i: int) -> dict[bytes, bytes]:
     if choice == 7:
         return {ENTRY_FIELD: encode(TokenChunk(session=sid, turn=i, seq=0, text="x"))}
     if choice == 8:
-        return {ENTRY_FIELD: msgspec.msgpack.encode({"type": "job.asr/1", "session": f"no spaces {i}!", "turn": i, "start_seq": 0, "end_seq": 1})}
+        bad = {"type": "job.asr/1", "session": f"no spaces {i}!", "turn": i, "start_seq": 0, "end_seq": 1}
+        return {ENTRY_FIELD: msgspec.msgpack.encode(bad)}
     return {ENTRY_FIELD: b""}
 
 

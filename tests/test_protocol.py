@@ -8,6 +8,7 @@ raise `ProtocolError`, never another exception and never a half-decoded message.
 
 from __future__ import annotations
 
+import enum
 import random
 import types
 import typing
@@ -71,6 +72,8 @@ def _sample_for_type(tp: Any, default: Any) -> Any:
         return "ünïcode text ✓"
     if tp is bytes:
         return b"\x00\x01" * 8
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return [m for m in tp if m != default][-1]
     raise AssertionError(f"no sample value for type {tp!r}: extend _sample_for_type")
 
 

@@ -17,9 +17,9 @@ import pytest
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import AuthenticationError
 
+from shared.admin.embedded_redis import EmbeddedRedis, free_port
 from shared.bus import BatchPublisher, StreamMux
 from shared.cancel import CancelHub, publish_cancel
-from shared.admin.embedded_redis import EmbeddedRedis, free_port
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys, frame_entry_id
 from shared.redis_conn import TRANSIENT_ERRORS, connect, redact_url, wait_ready
@@ -118,7 +118,8 @@ async def test_frames_jobs_and_cancels_flow_again_after_redis_restarts(
     async def produce() -> None:  # the bridge: one frame every 10 ms, never waiting on Redis
         nonlocal next_seq
         while True:
-            futures.append(pub.publish_nowait(Keys.audio_in(sid), AudioFrame(session=sid, seq=next_seq, pcm=bytes(FRAME_BYTES)), entry_id=frame_entry_id(next_seq)))
+            frame = AudioFrame(session=sid, seq=next_seq, pcm=bytes(FRAME_BYTES))
+            futures.append(pub.publish_nowait(Keys.audio_in(sid), frame, entry_id=frame_entry_id(next_seq)))
             next_seq += 1
             await asyncio.sleep(0.01)
 

@@ -31,17 +31,18 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from shared import metrics
+from shared import metrics, registry, tracing
 from shared.bus import BatchPublisher
 from shared.cancel import CancelHub
-from shared.logs import RateLimitedLog
-from shared.tasks import TaskSet, finish_task
 from shared.config import PoolConfig
 from shared.jobs import Delivery, JobQueue
-from shared.protocol import Cancelled, JobDropped, JobFailed, Keys, RejectReason, TurnMark, WorkerRecord
+from shared.logs import RateLimitedLog
+from shared.protocol import JobOutcome, WorkerRecord
 from shared.redis_conn import Backoff, connect, redact_url, wait_ready
-from shared import registry
-from workers.stages import Outcome, StageContext, StageHandler, create_handler
+from shared.stats import percentile
+from shared.tasks import TaskSet, finish_task
+from workers.job_exec import JobExecutor
+from workers.stages import StageContext, StageHandler, create_handler
 
 log = logging.getLogger("voxbus.worker")
 
@@ -99,6 +100,7 @@ class Worker:
         return self.pool.slots - len(self.running)
 
     async def run(self, stop: asyncio.Event) -> None:
+        tracing.setup("voxbus-worker")  # off unless OTEL_EXPORTER_OTLP_ENDPOINT is set
         redis = connect(self.redis_url)
         await wait_ready(redis, 30, self.redis_url)
         self.redis = redis
@@ -116,6 +118,7 @@ class Worker:
         t0 = time.perf_counter()
         await handler.load()
         self.handler = handler
+        self.executor = JobExecutor(self.id, self.pool, self.queue, self.publisher, self.hub, handler, ctx)
         log.info("worker %s: ready in %.1fs (redis %s, %d slots)", self.id, time.perf_counter() - t0,
                  redact_url(self.redis_url), self.pool.slots)
         metrics.SLOTS_TOTAL.labels(*self._labels).set(self.pool.slots)
@@ -216,69 +219,13 @@ class Worker:
         metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
 
     async def _execute(self, d: Delivery) -> None:
-        job = d.job
-        stage = self.pool.stage
         try:
-            # A job for a session with neither a recording nor a context (forged, or long
-            # expired) would burn its retries, or a TTS slot waiting for tokens: refuse it.
-            if not await self.redis.exists(Keys.audio_in(job.session), Keys.ctx(job.session)):
-                await self.queue.reject(d, RejectReason.UNKNOWN_SESSION,
-                                        f"unknown session {job.session!r}: no recording and no context")
-                metrics.JOBS.labels(*self._labels, "rejected").inc()
-                return
-            started = time.time()
-            if job.deadline and started > job.deadline:
-                # Overloaded: the caller has waited too long already; running it now would only make
-                # the next caller wait too. The bridge tells this caller instead (busy, apology).
-                late_ms = (started - job.deadline) * 1000
-                await self.publisher.publish(Keys.events(job.session), JobDropped(
-                    session=job.session, turn=job.turn, stage=stage, late_ms=round(late_ms, 1), pool=self.pool.name))
-                await self.queue.ack(d.entry_id)
-                metrics.JOBS.labels(*self._labels, "late").inc()
-                self._limited.warning("late", "worker %s: dropped job %s, %.0f ms past its deadline (overloaded)",
-                                      self.id, d.entry_id, late_ms)
-                return
-            if d.deliveries == 1:  # a retry's wait would measure the failure, not the queue
-                wait_ms = max(0.0, (started - job.ts) * 1000)
-                self._waits.append(wait_ms)
-                metrics.STAGE_LATENCY_MS.labels(stage=stage, mark="queue_wait", pool=self.pool.name,
-                                                gpu_type=self.pool.gpu_type).observe(wait_ms)
-                self.publisher.publish_nowait(Keys.events(job.session), TurnMark(
-                    session=job.session, turn=job.turn, stage=stage, mark="queue_wait", value_ms=wait_ms))
-            watch = await self.hub.watch(job.session, job.turn)
-            try:
-                if watch.cancelled:
-                    outcome = Outcome.CANCELLED
-                    await self.publisher.publish(Keys.events(job.session), Cancelled(
-                        session=job.session, turn=job.turn, stage=stage, reason="skipped: turn cancelled before start"))
-                    metrics.JOBS.labels(*self._labels, "skipped").inc()
-                else:
-                    outcome = await self.handler.handle(job, watch)
-                    if outcome is Outcome.CANCELLED and watch.cancel_ts:
-                        metrics.BARGE_IN_STOP_MS.labels(*self._labels).observe(
-                            max(0.0, (time.time() - watch.cancel_ts) * 1000))
-            finally:
-                self.hub.unwatch(watch)
-            await self.queue.ack(d.entry_id)
-            self.record.jobs_done += 1
-            self._durations.append((time.time() - started) * 1000)
-            metrics.JOBS.labels(*self._labels, outcome.value).inc()
-        except asyncio.CancelledError:
-            raise  # drain hands it back
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            log.exception("worker %s: job %s (%s turn %d) failed", self.id, d.entry_id, job.session, job.turn)
-            metrics.JOBS.labels(*self._labels, "failed").inc()
-            try:
-                if not await self.queue.fail(d, reason):
-                    metrics.JOBS.labels(*self._labels, "retried").inc()
-                else:
-                    metrics.JOBS.labels(*self._labels, "dead_lettered").inc()
-                    await self.publisher.publish(Keys.events(job.session), JobFailed(
-                        session=job.session, turn=job.turn, stage=stage, reason=reason[:500]))
-            except Exception as exc:  # Redis down or refusing writes: the job stays pending, a peer retries it
-                self._limited.warning("record-failure", "could not record the failure of %s (%s); it will be reclaimed",
-                                      d.entry_id, exc)
+            result = await self.executor.execute(d)
+            if result.outcome in (JobOutcome.DONE, JobOutcome.CANCELLED, JobOutcome.SKIPPED):
+                self.record.jobs_done += 1
+                self._durations.append((result.ended - result.started) * 1000)
+            if result.wait_ms is not None:
+                self._waits.append(result.wait_ms)
         finally:
             self.running.pop(d.entry_id, None)
             metrics.SLOTS_BUSY.labels(*self._labels).set(len(self.running))
@@ -287,12 +234,10 @@ class Worker:
     def _update_percentiles(self) -> None:
         """Recent job durations and queue waits, for the registry (voxbus top, the exporter)."""
         if self._durations:
-            d = sorted(self._durations)
-            self.record.job_p50_ms = round(d[len(d) // 2], 1)
-            self.record.job_p99_ms = round(d[min(len(d) - 1, int(len(d) * 0.99))], 1)
+            self.record.job_p50_ms = percentile(self._durations, 50, digits=1) or 0.0
+            self.record.job_p99_ms = percentile(self._durations, 99, digits=1) or 0.0
         if self._waits:
-            w = sorted(self._waits)
-            self.record.wait_p95_ms = round(w[min(len(w) - 1, int(len(w) * 0.95))], 1)
+            self.record.wait_p95_ms = percentile(self._waits, 95, digits=1) or 0.0
 
     async def _heartbeats(self) -> None:
         """Beats until stopped, whatever Redis answers: a lost connection, OOM (maxmemory with
@@ -333,7 +278,7 @@ class Worker:
         such takeovers dead-lettered while it is still running.
         """
         async with self._touch_lock:
-            ids = list(self.running)
+            ids: list[Any] = list(self.running)
             if ids:
                 await self.redis.xclaim(
                     self.queue.key, self.queue.group, self.id, min_idle_time=0, message_ids=ids, justid=True

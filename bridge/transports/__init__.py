@@ -32,4 +32,5 @@ class Transport(Protocol):
 
 
 def create(name: str, bridge: Bridge, **options: Any) -> Transport:
-    return load_engine(TRANSPORTS, "transport", name, {"bridge": bridge, **options})
+    engine: Transport = load_engine(TRANSPORTS, "transport", name, {"bridge": bridge, **options})
+    return engine

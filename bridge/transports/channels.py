@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
 if TYPE_CHECKING:
     from aiortc import RTCDataChannel
 
@@ -135,7 +136,7 @@ class ControlChannel:
             self.reject("too_large")
             return
         try:
-            msg = orjson.loads(raw)  # type: ignore[arg-type]
+            msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
             self.reject("bad_json")
             return

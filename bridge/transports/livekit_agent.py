@@ -5,8 +5,13 @@ LIVEKIT_API_SECRET) and gets one job per room. Each job connects to its room
 (audio only), waits for the caller and serves the call with `livekit_io` on the
 one Bridge of this process: jobs run in threads (JobExecutorType.THREAD), not
 processes, because the bridge batches every call's ingest and VAD in one tick.
-The worker reports load as sessions / `bridge.max_sessions`, so LiveKit stops
-dispatching to a full bridge.
+
+Load counts every job the worker has taken on (`JobSlots`), from the moment it
+accepts one, through connecting and waiting for the caller, to the job's end,
+so LiveKit sees the worker full (and routes rooms to another bridge) before a
+caller could be refused. `aclose()` drains like the SDK's runner: the worker
+stops taking jobs and live calls go on until they end or `drain_timeout_s`
+passes, then the rest are hung up.
 
 A job's `metadata` (set by whoever dispatches the agent, a trusted backend) may
 be a JSON object `{"pools": {"asr": "...", "llm": "...", "tts": "..."}}` to
@@ -19,24 +24,33 @@ import asyncio
 import datetime
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from livekit import api
+from livekit import api, rtc
 from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobRequest, WorkerOptions
 
 from shared import metrics
-from shared.config import Config, ConfigError
+from shared.config import ConfigError
 
-from ..core import Bridge, TooManySessions
-from .livekit_io import CONTROL_TOPIC, BridgeLink, CallOptions, LiveKitCall
+from ..core import Bridge, Overloaded, SessionExists, TooManySessions
+from .livekit_io import LiveKitCall
+from .livekit_link import CONTROL_TOPIC, PUBLISH_TIMEOUT_S, BridgeLink
+from .livekit_room import CallOptions, RoomEvents
 
 log = logging.getLogger("voxbus.livekit")
 
 ENV_URL, ENV_KEY, ENV_SECRET, ENV_AGENT = "LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "LIVEKIT_AGENT_NAME"
+ENV_DRAIN, ENV_GRACE = "VOXBUS_LIVEKIT_DRAIN_TIMEOUT_S", "VOXBUS_LIVEKIT_RECONNECT_GRACE_S"
 DEFAULT_HEALTH_PORT = 8081
+DEFAULT_DRAIN_TIMEOUT_S = 600.0
+DEFAULT_RECONNECT_GRACE_S = 20.0
+RESERVATION_TTL_S = 30.0  # an accepted job that never started (assignment lost) frees its slot after this
+REFUSAL_LINGER_S = 0.5  # publish_data returns once queued: the refusal gets this long to leave before we do
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,8 @@ class LiveKitSettings:
     api_key: str
     api_secret: str = field(repr=False)
     agent_name: str = ""  # non-empty: explicit dispatch only (rooms must ask for this agent)
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # on stop, live calls get this long to end (0: none)
+    reconnect_grace_s: float = DEFAULT_RECONNECT_GRACE_S  # a dropped caller gets this long to come back
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LiveKitSettings:
@@ -58,7 +74,21 @@ class LiveKitSettings:
         url = values[ENV_URL]
         if not url.startswith(("ws://", "wss://", "http://", "https://")):
             raise ConfigError(f"{ENV_URL}={url!r}: expected a ws://, wss://, http:// or https:// URL")
-        return cls(url, values[ENV_KEY], values[ENV_SECRET], env.get(ENV_AGENT, "").strip())
+        return cls(url, values[ENV_KEY], values[ENV_SECRET], env.get(ENV_AGENT, "").strip(),
+                   _seconds(env, ENV_DRAIN, DEFAULT_DRAIN_TIMEOUT_S), _seconds(env, ENV_GRACE, DEFAULT_RECONNECT_GRACE_S))
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not 0 <= value < 1e6:
+        raise ConfigError(f"{name}={raw!r}: expected 0 or more seconds")
+    return value
 
 
 def caller_token(settings: LiveKitSettings, room: str, identity: str, *, name: str = "",
@@ -94,6 +124,59 @@ def pools_from_metadata(metadata: str) -> dict[str, str] | None:
     return pools
 
 
+class JobSlots:
+    """The jobs this worker has taken on, by job id, from acceptance to the job's end.
+
+    Thread-safe: requests are answered on the worker's loop, load is read in the
+    SDK's executor, jobs start and end in their own threads.
+    """
+
+    def __init__(self, capacity: int, *, reservation_ttl_s: float = RESERVATION_TTL_S) -> None:
+        self.capacity = max(1, capacity)
+        self._ttl = reservation_ttl_s
+        self._lock = threading.Lock()
+        self._accepted: dict[str, float] = {}  # accepted, not started yet: when
+        self._running: set[str] = set()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire()
+            return len(self._accepted) + len(self._running)
+
+    def reserve(self, job_id: str) -> bool:
+        """Take a slot for a job about to be accepted; False when every slot is taken."""
+        with self._lock:
+            self._expire()
+            if len(self._accepted) + len(self._running) >= self.capacity:
+                return False
+            self._accepted[job_id] = time.monotonic()
+            return True
+
+    def started(self, job_id: str) -> None:
+        with self._lock:
+            self._accepted.pop(job_id, None)
+            self._running.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._accepted.pop(job_id, None)
+            self._running.discard(job_id)
+
+    def load(self, sessions: int = 0) -> float:
+        """What the worker reports: taken slots (or open sessions, if more) over capacity."""
+        return min(1.0, max(len(self), sessions) / self.capacity)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for job_id in [j for j, at in self._accepted.items() if now - at > self._ttl]:
+            del self._accepted[job_id]
+
+
+REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (TooManySessions, "too_many_sessions"), (Overloaded, "overloaded"), (SessionExists, "session_exists"),
+    (ValueError, "bad_request"))
+
+
 async def serve_job(ctx: JobContext, link: BridgeLink, options: CallOptions) -> None:
     """A job's entrypoint: join the room, wait for the caller, start the call and return.
 
@@ -101,108 +184,165 @@ async def serve_job(ctx: JobContext, link: BridgeLink, options: CallOptions) -> 
     when the caller leaves, and the job's shutdown closes the call.
     """
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
-    caller = await ctx.wait_for_participant()
+    events = RoomEvents(ctx.room)  # from here on nothing the room says is lost: the state so far is in the room
+    try:
+        caller = await ctx.wait_for_participant()
+    except BaseException:
+        events.detach()
+        raise
     try:
         pools = pools_from_metadata(ctx.job.metadata)
-        call = await LiveKitCall.start(ctx.room, caller, link, options=options, pools=pools, on_end=ctx.shutdown)
-    except (TooManySessions, ValueError) as exc:
-        reason = "too_many_sessions" if isinstance(exc, TooManySessions) else "bad_request"
-        log.warning("room %s: call refused: %s", ctx.room.name, exc)
-        try:
-            await ctx.room.local_participant.publish_data(
-                orjson.dumps({"type": "error", "reason": reason, "message": str(exc)}), reliable=True,
-                topic=CONTROL_TOPIC)
-        finally:
-            ctx.shutdown(f"call refused: {reason}")
+        call = await LiveKitCall.start(ctx.room, caller, link, options=options, pools=pools, on_end=ctx.shutdown,
+                                       events=events)
+    except Exception as exc:
+        reason = next((code for kind, code in REFUSALS if isinstance(exc, kind)), "unavailable")
+        if reason == "unavailable":
+            log.exception("room %s: cannot start the call of %s", ctx.room.name, caller.identity)
+        await refuse(ctx, caller, reason, str(exc) if reason != "unavailable" else "the agent cannot take calls now")
         return
     ctx.add_shutdown_callback(call.aclose)
 
 
+async def refuse(ctx: JobContext, caller: rtc.RemoteParticipant, reason: str, message: str) -> None:
+    """Tell the caller why there is no call (an `error` on `control`), give it time to leave, end the job."""
+    metrics.SESSIONS_REJECTED.labels(reason).inc()
+    log.warning("room %s: call of %s refused (%s): %s", ctx.room.name, caller.identity, reason, message)
+    payload = orjson.dumps({"type": "error", "reason": reason, "message": message})
+    try:
+        await asyncio.wait_for(ctx.room.local_participant.publish_data(
+            payload, reliable=True, topic=CONTROL_TOPIC, destination_identities=[caller.identity]), PUBLISH_TIMEOUT_S)
+        await asyncio.sleep(REFUSAL_LINGER_S)
+    except Exception as exc:
+        log.warning("room %s: could not tell %s the call was refused: %r", ctx.room.name, caller.identity, exc)
+    finally:
+        ctx.shutdown(f"call refused: {reason}")
+
+
 def build_worker_options(bridge: Bridge, settings: LiveKitSettings, *, options: CallOptions | None = None,
-                         port: int = DEFAULT_HEALTH_PORT) -> WorkerOptions:
+                         port: int = DEFAULT_HEALTH_PORT, slots: JobSlots | None = None,
+                         accepting: threading.Event | None = None) -> WorkerOptions:
     """WorkerOptions whose jobs serve calls on `bridge`. Call it on the bridge's event loop:
-    the worker must run on that loop too (request and load callbacks read the bridge)."""
+    the worker must run on that loop too (requests read the bridge). `accepting` cleared: refuse jobs."""
     link = BridgeLink(bridge, asyncio.get_running_loop())
-    call_options = options or CallOptions()
-    max_sessions = max(1, bridge.config.bridge.max_sessions)
+    call_options = options or CallOptions(reconnect_grace_s=settings.reconnect_grace_s)
+    job_slots = JobSlots(bridge.config.bridge.max_sessions) if slots is None else slots
+    if accepting is None:
+        accepting = threading.Event()
+        accepting.set()
 
     async def entrypoint(ctx: JobContext) -> None:
+        job_id = ctx.job.id
+        job_slots.started(job_id)
+
+        async def release() -> None:
+            job_slots.release(job_id)
+
+        ctx.add_shutdown_callback(release)
         await serve_job(ctx, link, call_options)
 
     async def on_request(request: JobRequest) -> None:
-        if len(bridge.sessions) >= max_sessions:
-            metrics.SESSIONS_REJECTED.labels("max_sessions").inc()
+        if not accepting.is_set() or not job_slots.reserve(request.id):
+            metrics.SESSIONS_REJECTED.labels("max_sessions" if accepting.is_set() else "draining").inc()
             await request.reject(terminate=False)  # LiveKit may offer the room to another bridge
             return
-        await request.accept(name="voxbus")
+        try:
+            await request.accept(name="voxbus")
+        except BaseException:
+            job_slots.release(request.id)
+            raise
 
     def load() -> float:
-        return min(1.0, len(bridge.sessions) / max_sessions)
+        return job_slots.load(len(bridge.sessions))
 
     return WorkerOptions(
         entrypoint_fnc=entrypoint, request_fnc=on_request, load_fnc=load, load_threshold=1.0,
         job_executor_type=JobExecutorType.THREAD, ws_url=settings.url, api_key=settings.api_key,
-        api_secret=settings.api_secret, agent_name=settings.agent_name, port=port)
+        api_secret=settings.api_secret, agent_name=settings.agent_name, port=port,
+        drain_timeout=max(1, round(settings.drain_timeout_s)))
 
 
 class LiveKitTransport:
-    """The LiveKit Agents worker of one bridge: `start`, `wait` (until it stops), `stop`."""
+    """The LiveKit Agents worker of one bridge: `start`, `wait` (until it stops), `aclose` (drains first)."""
 
     name = "livekit"
 
     def __init__(self, bridge: Bridge, *, settings: LiveKitSettings | None = None, out_rate: int = 48_000,
-                 port: int | None = None, register: bool = True) -> None:
+                 port: int | None = None, register: bool = True, drain_timeout_s: float | None = None) -> None:
         self.bridge = bridge
         self.settings = settings or LiveKitSettings.from_env()
-        self.options = CallOptions(out_rate=out_rate)
+        self.options = CallOptions(out_rate=out_rate, reconnect_grace_s=self.settings.reconnect_grace_s)
         self.port = DEFAULT_HEALTH_PORT if port is None else port
         self.register = register  # False: run without a LiveKit server (jobs only via simulate_job)
+        self.drain_timeout_s = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self.slots = JobSlots(bridge.config.bridge.max_sessions)
+        self.accepting = threading.Event()
+        self.accepting.set()
+        self.worker_options: WorkerOptions | None = None
         self.server: AgentServer | None = None
         self._run: asyncio.Task[None] | None = None
+        self._draining: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the worker; raises if it fails before it is up (bad options, port in use)."""
-        opts = build_worker_options(self.bridge, self.settings, options=self.options, port=self.port)
+        """Start the worker and return once LiveKit has registered it (unregistered: once it runs);
+        raises if it stops before (bad options, port in use, LiveKit unreachable after retries)."""
+        opts = self.worker_options = build_worker_options(self.bridge, self.settings, options=self.options,
+                                                          port=self.port, slots=self.slots, accepting=self.accepting)
         server = self.server = AgentServer.from_server_options(opts)
-        started = asyncio.Event()
-        server.on("worker_started", started.set)
+        up = asyncio.Event()
+        server.on("worker_registered" if self.register else "worker_started", lambda *_: up.set())
         self._run = asyncio.create_task(server.run(devmode=False, unregistered=not self.register),
                                         name="livekit-worker")
-        up = asyncio.create_task(started.wait())
-        await asyncio.wait({self._run, up}, return_when=asyncio.FIRST_COMPLETED)
-        up.cancel()
+        if self.register:
+            log.info("registering with LiveKit at %s (agent name %r)", self.settings.url, self.settings.agent_name)
+        waiting = asyncio.create_task(up.wait(), name="livekit-worker-up")
+        try:
+            await asyncio.wait({self._run, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
         if self._run.done():
             self._run.result()
             raise RuntimeError("the LiveKit worker stopped while starting")
-        log.info("LiveKit worker started for %s (agent name %r)", self.settings.url, self.settings.agent_name)
+        log.info("LiveKit worker up for %s (agent name %r)", self.settings.url, self.settings.agent_name)
 
     async def wait(self) -> None:
         """Until the worker stops; raises its error (e.g. LiveKit unreachable after retries)."""
         if self._run is not None:
             await self._run
 
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop taking jobs (LiveKit sees the worker full) and wait up to `timeout_s` (default
+        `drain_timeout_s`) for every job to end; True if they all did."""
+        self.accepting.clear()
+        timeout = self.drain_timeout_s if timeout_s is None else timeout_s
+        if self.server is None or self._run is None or self._run.done() or timeout <= 0:
+            return len(self.slots) == 0
+        log.info("draining the LiveKit worker: %d jobs, up to %.0f s", len(self.server.active_jobs), timeout)
+        self._draining = asyncio.create_task(self.server.drain(timeout=timeout),  # type: ignore[arg-type]
+                                             name="livekit-drain")  # the SDK takes any number of seconds
+        try:
+            await self._draining
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not self._draining.cancelled():
+                raise  # our caller was cancelled, not the drain
+            why = "timed out" if isinstance(exc, TimeoutError) else "cut short"
+            log.warning("drain %s: hanging up %d calls", why, len(self.server.active_jobs))
+            return False
+        return True
+
+    def hurry(self) -> None:
+        """End a drain in progress now (a second SIGTERM/SIGINT): the calls left are hung up."""
+        if self._draining is not None and not self._draining.done():
+            self._draining.cancel()
+
     async def aclose(self) -> None:
+        """Drain (see `drain`), then stop the worker: every job left ends and closes its call."""
+        await self.drain()
         if self.server is not None:
-            await self.server.aclose()  # ends every job; each job's shutdown closes its call
+            await self.server.aclose()
         if self._run is not None:
             await asyncio.gather(self._run, return_exceptions=True)
 
     def stats(self) -> dict[str, Any]:
         jobs = self.server.active_jobs if self.server is not None and self._run is not None else []
-        return {"transport": self.name, "url": self.settings.url, "active_jobs": len(jobs),
-                "sessions": len(self.bridge.sessions)}
-
-
-async def run_livekit_worker(config: Config, redis_url: str, *, settings: LiveKitSettings | None = None,
-                             out_rate: int = 48_000, port: int | None = None, vad_engine: Any | None = None) -> None:
-    """Run a bridge served by the LiveKit worker until cancelled or the worker fails."""
-    settings = settings or LiveKitSettings.from_env()  # fail on missing settings before anything starts
-    bridge = Bridge(redis_url, config, vad_engine=vad_engine)
-    await bridge.start()
-    transport = LiveKitTransport(bridge, settings=settings, out_rate=out_rate, port=port)
-    try:
-        await transport.start()
-        await transport.wait()
-    finally:
-        await transport.aclose()
-        await bridge.aclose()
+        return {"transport": self.name, "url": self.settings.url, "active_jobs": len(jobs), "slots": len(self.slots),
+                "accepting": self.accepting.is_set(), "sessions": len(self.bridge.sessions)}

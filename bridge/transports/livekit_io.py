@@ -1,172 +1,58 @@
 """One LiveKit call: the caller in a room <-> one CallSession of the bridge.
 
-livekit-agents runs every job in its own thread with its own event loop (the
-THREAD executor, see `livekit_agent`), while the Bridge and its sessions live
-on the bridge's loop, where one ingest tick serves every call. So every touch
-of a session goes through `BridgeLink` (callbacks on the bridge loop, in FIFO
-order), and everything the session says to the caller comes back through
-`LiveKitSink` (callbacks on the job loop). Only `livekit.rtc` is used here.
+The call runs on its job's event loop; every touch of the session goes through
+`BridgeLink` and everything the session says comes back through `LiveKitSink`
+(`livekit_link`). Only `livekit.rtc` is used here.
 
 Media: the caller's audio track is read with `rtc.AudioStream` at 16 kHz mono
 in 20 ms frames and pushed into the session; agent audio is pulled from the
 session one 20 ms frame at a time and captured into an `rtc.AudioSource`
-published as the agent's track. The source's small queue paces the pull: a
-capture returns when the queue has room again, i.e. on the media clock.
+(200 ms queue, as the framework's RoomIO) published as the agent's track. The
+source's queue paces the pull: a capture returns when the queue has room
+again, i.e. on the media clock. The first agent audio waits (bounded) until
+the caller has subscribed to that track.
 
-Data: tokens go out lossy on topic `llm_tokens`, session metadata reliable on
-`control`; the caller's `control` packets are parsed by the same hostile-input
-parser as the WebRTC transport (`channels.ControlChannel`, same wire format).
+Caller presence, as the framework's RoomIO: only a client-initiated leave, a
+deleted room or a rejected user ends the call. Any other disconnect (network
+drop, signal close, duplicate identity) starts a reconnect grace: the agent
+stops playing and waits `reconnect_grace_s` for the same identity to come back,
+then resumes the call where it was.
+
+Room events are recorded from before the call starts (`RoomEvents`) and
+replayed into it, so nothing fired while the session opened is missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import logging
-import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 from livekit import rtc
 
 from shared.protocol import SAMPLE_RATE
+from shared.tasks import TaskSet
 
-from .channels import CONTROL_LABEL, TOKENS_LABEL, ControlChannel
+from .channels import ControlChannel
+from .livekit_link import CONTROL_TOPIC, TOKENS_TOPIC, BridgeLink, LiveKitSink
+from .livekit_room import FINAL_REASONS, ROOM_EVENTS, CallOptions, RoomEvents, reason_name, session_id_for
 
 if TYPE_CHECKING:
-    from ..core import Bridge
     from ..playout import OutFrame
     from ..session import CallSession
 
+__all__ = ["CONTROL_TOPIC", "TOKENS_TOPIC", "BridgeLink", "CallOptions", "LiveKitCall", "LiveKitSink", "RoomEvents",
+           "session_id_for"]
+
 log = logging.getLogger("voxbus.livekit")
 
-T = TypeVar("T")
-
-TOKENS_TOPIC = TOKENS_LABEL
-CONTROL_TOPIC = CONTROL_LABEL
 FRAME_MS = 20
-# Lossy data packets larger than one MTU are fragmented and dropped whole on any loss;
-# a token payload that big (rare) goes reliable instead.
-MAX_LOSSY_BYTES = 1300
 CLOSE_TIMEOUT_S = 5.0  # a bridge loop that no longer runs must not hold a job's shutdown
-
-
-class BridgeLink:
-    """The Bridge as seen from a job's event loop.
-
-    Every call is a callback scheduled on the bridge loop with
-    call_soon_threadsafe, so calls made in order from one job run in that order
-    (an interrupt posted before a frame pull is handled before it).
-    """
-
-    def __init__(self, bridge: Bridge, loop: asyncio.AbstractEventLoop) -> None:
-        self.bridge = bridge
-        self.loop = loop
-
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run `fn(*args)` on the bridge loop; errors are logged there."""
-        self.loop.call_soon_threadsafe(_logged, fn, args)
-
-    def call(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """Run `fn(*args)` on the bridge loop; await its result on the caller's loop."""
-        done: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not done.set_running_or_notify_cancel():
-                return
-            try:
-                done.set_result(fn(*args))
-            except BaseException as exc:  # handed to the awaiting loop
-                done.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return asyncio.wrap_future(done)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
-        """Run a coroutine on the bridge loop; await its result on the caller's loop."""
-        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-
-def _logged(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("bridge call %s failed", getattr(fn, "__qualname__", fn))
-
-
-class LiveKitSink:
-    """ClientSink over LiveKit data packets: callable from any thread, sends on the job loop.
-
-    One FIFO keeps tokens and control in the order the session produced them.
-    A caller that cannot keep up loses tokens first (they are lossy anyway;
-    the final text arrives reliably in `turn_metrics`), then the oldest control.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_pending: int = 512) -> None:
-        self._loop = loop
-        self._max_pending = max_pending
-        self._queue: collections.deque[tuple[bytes, bool, str]] = collections.deque()
-        self._wake = asyncio.Event()
-        self.sent: collections.Counter[str] = collections.Counter()
-        self.dropped: collections.Counter[str] = collections.Counter()
-
-    def send_tokens(self, turn: int, seq: int, text: str, final: bool) -> None:
-        payload = orjson.dumps({"t": turn, "s": seq, "d": text, "f": final})
-        self._post(payload, len(payload) > MAX_LOSSY_BYTES, TOKENS_TOPIC)
-
-    def send_control(self, msg: dict[str, Any]) -> None:
-        self._post(orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY), True, CONTROL_TOPIC)
-
-    def _post(self, payload: bytes, reliable: bool, topic: str) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._enqueue, payload, reliable, topic)
-        except RuntimeError:  # the job's loop is closed: the call is over
-            self.dropped["call_over"] += 1
-
-    def _enqueue(self, payload: bytes, reliable: bool, topic: str) -> None:
-        if len(self._queue) >= self._max_pending:
-            if topic == TOKENS_TOPIC:
-                self.dropped["tokens_backlog"] += 1
-                return
-            self._queue.popleft()
-            self.dropped["backlog"] += 1
-        self._queue.append((payload, reliable, topic))
-        self._wake.set()
-
-    async def run(self, participant: rtc.LocalParticipant) -> None:
-        """Send queued packets until cancelled; a failed send is counted, never raised."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                payload, reliable, topic = self._queue.popleft()
-                try:
-                    await participant.publish_data(payload, reliable=reliable, topic=topic)
-                    self.sent[topic] += 1
-                except Exception as exc:  # PublishDataError while (re)connecting, or a closed room
-                    self.dropped[f"{topic}_send_failed"] += 1
-                    log.debug("publish_data on %s failed: %s", topic, exc)
-
-
-@dataclass(frozen=True)
-class CallOptions:
-    out_rate: int = 48_000  # agent track rate: Opus' native rate, no resampling in the SDK
-    queue_ms: int = 60  # agent audio buffered in the AudioSource ahead of the network
-    track_name: str = "voxbus-agent"
-
-
-def session_id_for(room_name: str) -> str:
-    """A session id that names its room (readable in Redis) and stays unique per call."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", room_name).strip("-")[:40] or "room"
-    return f"lk-{stem}-{uuid.uuid4().hex[:8]}"
-
-
+RESUME_SUBSCRIBE_S = 1.0  # a caller who came back: how long playout waits for the new subscription
+HANGUP_FLUSH_S = 1.0  # a call the bridge ends gets this long to send its last control messages
 class LiveKitCall:
     """One caller's call; build it with `LiveKitCall.start`, end it with `aclose`."""
 
@@ -180,6 +66,7 @@ class LiveKitCall:
         self.sink = sink
         self.options = options
         self.on_end = on_end
+        self.loop = asyncio.get_running_loop()
         cfg = link.bridge.config.bridge
         self.control = ControlChannel(session.id, cfg.max_datachannel_bytes,
                                       on_interrupt=self._interrupt, reply=sink.send_control)
@@ -191,12 +78,19 @@ class LiveKitCall:
         self.stale_dropped = 0  # frames pulled before an interrupt that arrived after it
         self.caller_frames = 0
         self.interrupts = 0
+        self.reconnects = 0  # times the caller came back after a drop
+        self.unheard_starts = 0  # times audio started without the caller's subscription (timed out)
         self.closed = asyncio.Event()
+        self.present = asyncio.Event()  # the caller is in the room
+        self.present.set()
+        self.heard = asyncio.Event()  # the caller is subscribed to the agent track
         self._closing: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None
         self._epoch = 0
         self._reader: asyncio.Task[None] | None = None
         self._reader_sid: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reader_track: rtc.Track | None = None
+        self.tasks = TaskSet("livekit-call")
         self._handlers: list[tuple[str, Callable[..., None]]] = []
 
     @property
@@ -206,61 +100,74 @@ class LiveKitCall:
     @classmethod
     async def start(cls, room: rtc.Room, caller: rtc.RemoteParticipant, link: BridgeLink, *,
                     options: CallOptions | None = None, pools: dict[str, str] | None = None,
-                    sid: str | None = None, on_end: Callable[[str], Any] | None = None) -> LiveKitCall:
+                    sid: str | None = None, on_end: Callable[[str], Any] | None = None,
+                    events: RoomEvents | None = None) -> LiveKitCall:
         """Open the session, publish the agent track, start media and data.
 
-        Raises what Bridge.open_session raises (TooManySessions, ValueError for a bad pool).
-        `on_end(reason)` is called once when the call ends by itself (caller left, room gone).
+        Raises what Bridge.open_session raises (TooManySessions, Overloaded, ValueError for a bad
+        pool). `on_end(reason)` is called once when the call ends by itself (caller left, room
+        gone). `events`: the room's events recorded since the job connected (made here if None).
         """
-        options = options or CallOptions()
-        sink = LiveKitSink(asyncio.get_running_loop())
-        session = await link.run(link.bridge.open_session(
-            sid or session_id_for(room.name), pools=pools, sink=sink, transport="livekit", out_rate=options.out_rate))
+        events = events or RoomEvents(room)
         try:
-            call = cls(room, caller, link, session, sink, options, on_end)
+            options = options or CallOptions()
+            sink = LiveKitSink(asyncio.get_running_loop())
+            session = await link.run(link.bridge.open_session(
+                sid or session_id_for(room.name), pools=pools, sink=sink, transport="livekit",
+                out_rate=options.out_rate))
+            try:
+                call = cls(room, caller, link, session, sink, options, on_end)
+            except BaseException:
+                await link.run(link.bridge.close_session(session.id))
+                raise
+            try:
+                publication = await room.local_participant.publish_track(
+                    call.track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+            except BaseException:
+                await call.aclose("agent track not published")
+                raise
         except BaseException:
-            await link.run(link.bridge.close_session(session.id))
+            events.detach()
             raise
-        try:
-            await room.local_participant.publish_track(
-                call.track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
-        except BaseException:
-            await call.aclose("agent track not published")
-            raise
-        call._bind()
+        link.post(setattr, session, "hangup", call._hangup)
+        call._bind(events, publication)
         sink.send_control({"type": "session", "session": session.id, "ts": time.time()})
         log.info("call %s: caller %s in room %s", call.id, call.caller_identity, room.name)
         return call
 
-    def _bind(self) -> None:
-        for event, handler in (("track_subscribed", self._on_track_subscribed),
-                               ("track_unsubscribed", self._on_track_unsubscribed),
-                               ("data_received", self._on_data),
-                               ("participant_disconnected", self._on_participant_disconnected),
-                               ("disconnected", self._on_disconnected)):
-            self.room.on(event, handler)
-            self._handlers.append((event, handler))
+    def _bind(self, events: RoomEvents, publication: rtc.LocalTrackPublication) -> None:
+        handlers = self._event_handlers()
+        for name in ROOM_EVENTS:
+            self.room.on(name, handlers[name])  # type: ignore[arg-type]
+            self._handlers.append((name, handlers[name]))
+        backlog = events.detach()
         self._spawn(self.sink.run(self.room.local_participant), "sink")
+        self._spawn(self._await_subscription(publication), "subscription")
         self._spawn(self._playout(), "playout")
         self._adopt_subscribed_track()
+        for name, args in backlog:
+            if self._closing is None:
+                handlers[name](*args)
+        if self._closing is None and self.present.is_set() and self.caller_identity not in self.room.remote_participants:
+            self._caller_away(rtc.DisconnectReason.UNKNOWN_REASON)  # left before anything was recorded
+
+    def _event_handlers(self) -> dict[str, Callable[..., None]]:
+        return {"track_subscribed": self._on_track_subscribed, "track_unsubscribed": self._on_track_unsubscribed,
+                "data_received": self._on_data, "participant_connected": self._on_participant_connected,
+                "participant_disconnected": self._on_participant_disconnected,
+                "local_track_subscribed": self._on_local_track_subscribed, "reconnecting": self._on_reconnecting,
+                "reconnected": self._on_reconnected, "disconnected": self._on_disconnected}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("call %s: task %s failed", self.id, task.get_name(), exc_info=task.exception())
+        return self.tasks.spawn(coro, f"{name}-{self.id}")
 
     # ------------------------------------------------------------ caller audio
     def _adopt_subscribed_track(self) -> None:
-        """Read an audio track of the caller that was subscribed before we listened for it."""
+        """Read an audio track of the caller that was subscribed before we listened for it
+        (on a real server the usual case: the caller published before the agent joined)."""
         for pub in list(self.caller.track_publications.values()):
             if pub.kind == rtc.TrackKind.KIND_AUDIO and pub.track is not None:
-                self._on_track_subscribed(pub.track, pub, self.caller)  # type: ignore[arg-type]
+                self._on_track_subscribed(pub.track, pub, self.caller)
                 return
 
     def _on_track_subscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
@@ -268,18 +175,28 @@ class LiveKitCall:
         if participant.identity != self.caller_identity or track.kind != rtc.TrackKind.KIND_AUDIO:
             return
         if self._reader is not None and not self._reader.done():
-            log.info("call %s: caller has a second audio track %s; still reading %s", self.id,
-                     publication.sid, self._reader_sid)
-            return
-        self._reader_sid = publication.sid
+            if publication.sid != self._reader_sid:
+                log.info("call %s: caller has a second audio track %s; still reading %s", self.id,
+                         publication.sid, self._reader_sid)
+                return
+            if track is self._reader_track:
+                return  # already reading it (an event replayed after the track was adopted)
+            self._reader.cancel()  # the same publication resubscribed: read the new track
+        self._reader_sid, self._reader_track = publication.sid, track
         self._reader = self._spawn(self._read_caller(track), "caller-audio")
 
-    def _on_track_unsubscribed(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
+    def _on_track_unsubscribed(self, track: rtc.Track | None, publication: rtc.RemoteTrackPublication,
                                participant: rtc.RemoteParticipant) -> None:
-        if publication.sid == self._reader_sid and self._reader is not None:
+        # `track` may be None: the SDK clears a publication's track before it emits this
+        if participant.identity != self.caller_identity or publication.sid != self._reader_sid:
+            return
+        self._stop_reader()
+        self._adopt_subscribed_track()
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
             self._reader.cancel()
-            self._reader, self._reader_sid = None, None
-            self._adopt_subscribed_track()
+        self._reader, self._reader_sid, self._reader_track = None, None, None
 
     async def _read_caller(self, track: rtc.Track) -> None:
         stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1, frame_size_ms=FRAME_MS)
@@ -292,11 +209,34 @@ class LiveKitCall:
             await stream.aclose()
 
     # ------------------------------------------------------------ agent audio
+    async def _await_subscription(self, publication: rtc.LocalTrackPublication) -> None:
+        await publication.wait_for_subscription()
+        self.heard.set()
+
+    def _on_local_track_subscribed(self, track: rtc.Track) -> None:
+        self.heard.set()  # the agent publishes one track: this one
+
+    async def _until_heard(self, timeout_s: float) -> None:
+        """Bounded: a caller whose client never subscribes still gets the call, only later."""
+        if self.heard.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.heard.wait()
+        except TimeoutError:
+            self.unheard_starts += 1
+            log.info("call %s: no subscription to the agent's audio within %.1f s; playing anyway", self.id, timeout_s)
+
     async def _playout(self) -> None:
         n = self.samples_per_frame
         rate = self.options.out_rate
         silence = rtc.AudioFrame(bytes(2 * n), rate, 1, n)
+        await self._until_heard(self.options.subscribe_timeout_s)
         while True:
+            if not self.present.is_set():  # the caller dropped: keep the reply for when they are back
+                await self.present.wait()
+                # LiveKit may tell a publisher of its first subscriber only: wait less this time
+                await self._until_heard(min(RESUME_SUBSCRIBE_S, self.options.subscribe_timeout_s))
             epoch = self._epoch
             frame: OutFrame | None = await self.link.call(self.session.next_frame)
             if self.session.closed:  # closed by the bridge (stopping): nothing more to play or hear
@@ -320,7 +260,7 @@ class LiveKitCall:
         self.source.clear_queue()
         self.interrupts += 1
 
-    # ------------------------------------------------------------ data and lifecycle
+    # ------------------------------------------------------------ data
     def _on_data(self, packet: rtc.DataPacket) -> None:
         if packet.topic != CONTROL_TOPIC:
             return  # other topics belong to other room features
@@ -330,17 +270,78 @@ class LiveKitCall:
             return
         self.control.handle(packet.data)
 
+    # ------------------------------------------------------------ presence and lifecycle
     def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
-        if participant.identity == self.caller_identity:
-            self._end("caller left")
+        if participant.identity != self.caller_identity:
+            return
+        if participant is not self.caller and participant.sid != self.caller.sid:
+            return  # an older connection of the caller, replaced already (duplicate identity)
+        reason = participant.disconnect_reason
+        if reason in FINAL_REASONS:
+            self._end(f"caller left ({reason_name(reason)})")
+            return
+        self._caller_away(reason)
+
+    def _caller_away(self, reason: Any) -> None:
+        if not self.present.is_set():
+            return
+        self.present.clear()
+        self.heard.clear()
+        self._stop_reader()
+        log.info("call %s: caller %s dropped (%s); waiting %.0f s for them to come back", self.id,
+                 self.caller_identity, reason_name(reason), self.options.reconnect_grace_s)
+        self._grace = self._spawn(self._grace_period(), "reconnect-grace")
+
+    async def _grace_period(self) -> None:
+        await asyncio.sleep(self.options.reconnect_grace_s)
+        self._end(f"caller did not come back within {self.options.reconnect_grace_s:g} s")
+
+    def _on_participant_connected(self, participant: rtc.RemoteParticipant) -> None:
+        if participant.identity != self.caller_identity or participant is self.caller:
+            return
+        was_away = not self.present.is_set()
+        self.caller = participant  # the same identity on a new connection
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        self._stop_reader()
+        self.heard.clear()
+        self.present.set()
+        self._adopt_subscribed_track()
+        if was_away:
+            self.reconnects += 1
+            log.info("call %s: caller %s is back", self.id, self.caller_identity)
+        self.sink.send_control({"type": "session", "session": self.id, "ts": time.time(), "resumed": True})
+
+    def _on_reconnecting(self) -> None:
+        log.info("call %s: the agent's connection to LiveKit is resuming", self.id)
+        self.sink.hold()
+
+    def _on_reconnected(self) -> None:
+        log.info("call %s: the agent's connection to LiveKit is back", self.id)
+        self.sink.resume()
+        if self.present.is_set():
+            self._adopt_subscribed_track()
 
     def _on_disconnected(self, reason: Any = None) -> None:
-        self._end(f"room disconnected ({reason})")
+        self._end(f"room disconnected ({reason_name(reason)})")
+
+    async def _hangup(self, reason: str) -> None:
+        """session.hangup, called on the BRIDGE loop when a limit ends the call."""
+        try:
+            done = asyncio.run_coroutine_threadsafe(self._hang_up(reason), self.loop)
+            await asyncio.wait_for(asyncio.wrap_future(done), CLOSE_TIMEOUT_S)
+        except Exception as exc:  # the job's loop is gone: the call is over anyway
+            log.debug("call %s: hangup: %r", self.id, exc)
+
+    async def _hang_up(self, reason: str) -> None:
+        await self.sink.flush(HANGUP_FLUSH_S)  # the bridge's `ended` message, before the job leaves
+        self._end(reason)
 
     def _end(self, reason: str) -> None:
         if self._closing is not None:
             return
-        self._closing = asyncio.get_running_loop().create_task(self._close(reason))
+        self._closing = self.loop.create_task(self._close(reason))
         if self.on_end is not None:
             try:
                 self.on_end(reason)
@@ -350,16 +351,13 @@ class LiveKitCall:
     async def aclose(self, reason: str = "closed") -> None:
         """Stop media and data, close the session on the bridge. Idempotent."""
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close(reason))
+            self._closing = self.loop.create_task(self._close(reason))
         await asyncio.shield(self._closing)
 
     async def _close(self, reason: str) -> None:
         for event, handler in self._handlers:
-            self.room.off(event, handler)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            self.room.off(event, handler)  # type: ignore[arg-type]
+        await self.tasks.aclose()  # cancels each task until it ends: one cancel can be swallowed
         try:
             await asyncio.wait_for(self.link.run(self.link.bridge.close_session(self.id)), CLOSE_TIMEOUT_S)
         except Exception as exc:  # the bridge is stopping: it closes its sessions itself
@@ -371,5 +369,6 @@ class LiveKitCall:
     def stats(self) -> dict[str, Any]:
         return {"session": self.id, "caller": self.caller_identity, "caller_frames": self.caller_frames,
                 "frames_out": self.frames_out, "silence_out": self.silence_out, "stale_dropped": self.stale_dropped,
-                "interrupts": self.interrupts, "control_rejected": dict(self.control.rejected),
-                "sent": dict(self.sink.sent), "sink_dropped": dict(self.sink.dropped)}
+                "interrupts": self.interrupts, "reconnects": self.reconnects, "unheard_starts": self.unheard_starts,
+                "control_rejected": dict(self.control.rejected), "sent": dict(self.sink.sent),
+                "sink_dropped": dict(self.sink.dropped)}

@@ -47,7 +47,7 @@ def enable_opus_fec() -> None:
         if codec.mimeType.lower() == "audio/opus":
             codec.parameters.update(OPUS_FMTP)
     # get_encoder() looks the class up in aiortc.codecs' namespace at call time
-    rtc_codecs.OpusEncoder = FecOpusEncoder  # type: ignore[misc]
+    rtc_codecs.OpusEncoder = FecOpusEncoder  # type: ignore[attr-defined]
 
 
 def jitter_buffer_for(target_ms: int) -> JitterBuffer:
@@ -120,4 +120,4 @@ def include_loopback_candidates(enabled: bool = True) -> None:
     Needed when caller and bridge share a machine with no other interface
     (tests, a laptop demo); harmless otherwise. Process-wide.
     """
-    aioice.ice.get_host_addresses = _host_addresses_with_loopback if enabled else _original_host_addresses  # type: ignore[assignment]
+    aioice.ice.get_host_addresses = _host_addresses_with_loopback if enabled else _original_host_addresses

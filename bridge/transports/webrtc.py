@@ -25,6 +25,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 
 from shared import metrics
 from shared.config import BridgeConfig
+from shared.tasks import TaskSet
 
 from ..core import Bridge, Overloaded, SessionExists, TooManySessions
 from ..session import CallSession
@@ -57,7 +58,7 @@ class RtcCall:
         self.connected = asyncio.Event()
         self.closed = False
         self.opened_at = time.time()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(f"call-{session.id}")
         self._audio_bound = False
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -68,14 +69,7 @@ class RtcCall:
         return self.session.id
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("call %s: %s failed: %r", self.id, task.get_name(), task.exception())
+        self._tasks.spawn(coro, name)
 
     def _interrupt(self) -> None:
         if not self.session.closed:
@@ -136,10 +130,7 @@ class RtcCall:
             await self.transport.bridge.close_session(self.id)
         finally:
             await self.pc.close()
-            current = asyncio.current_task()
-            for task in list(self._tasks):
-                if task is not current:
-                    task.cancel()
+            self._tasks.cancel_others()
 
     def stats(self) -> dict[str, Any]:
         return {**self.session.stats(), "connection": self.pc.connectionState,

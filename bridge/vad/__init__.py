@@ -29,4 +29,5 @@ class VadEngine(Protocol):
 
 
 def create(name: str, options: dict[str, Any]) -> VadEngine:
-    return load_engine(ENGINES, "vad", name, options)
+    engine: VadEngine = load_engine(ENGINES, "vad", name, options)
+    return engine

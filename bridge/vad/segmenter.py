@@ -261,7 +261,7 @@ _BYTES = (bytes, bytearray, memoryview)
 _SCALE = np.float32(1 / 32768)
 
 
-def _to_float(pcm: bytes) -> np.ndarray:
+def _to_float(pcm: bytes | bytearray) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) * _SCALE
 
 
@@ -273,7 +273,8 @@ def _dbfs(samples: np.ndarray) -> float:
 def _dbfs_rows(rows: np.ndarray) -> list[float]:
     """`_dbfs` of every row of a 2-D float32 array, in one pass."""
     power = np.einsum("ij,ij->i", rows, rows) / max(rows.shape[1], 1)
-    return (10.0 * np.log10(power.astype(np.float64) + 1e-20)).tolist()
+    levels: list[float] = (10.0 * np.log10(power.astype(np.float64) + 1e-20)).tolist()
+    return levels
 
 
 class BatchVad:

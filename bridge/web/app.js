@@ -12,15 +12,19 @@ const LEVEL_TICK_MS = 20;
 const AGENT_AUDIBLE_RMS = 0.01; // about -40 dBFS
 const BARGE_IN_RMS = 0.04; // mic level that counts as the caller talking
 const BARGE_IN_TICKS = 10; // 200 ms of it while the agent speaks sends an interrupt
+const STATS_MS = 500; // how often the agent audio receiver's playout delay is sampled
 
 const vb = (window.voxbus = {
   state: "idle", sessionId: null, connected: false,
   agentAudioTicks: 0, agentPeak: 0, micPeak: 0,
   userTranscripts: [], agentText: {}, heardText: {}, unheardText: {}, tokenMessages: 0,
   interruptsSent: 0, interruptedTurns: [], metrics: [], errors: [], busy: [],
+  // The agent audio's jitter buffer: the target the bridge asks for (GET /v1/config), whether this
+  // browser took it, and the playout delay it achieves (getStats: jitterBufferDelay / emitted samples).
+  jitterTargetMs: null, jitterTargetApplied: false, playoutDelayMs: null, playoutDelaySamples: [],
 });
 
-let pc = null, control = null, mic = null, audioCtx = null, levelTimer = null;
+let pc = null, control = null, mic = null, audioCtx = null, levelTimer = null, statsTimer = null;
 let micAnalyser = null, agentAnalyser = null, loudTicks = 0, interruptedTurn = -1, currentTurn = -1;
 const turns = new Map(); // turn -> {user, agent, tokens: [], row}
 
@@ -105,6 +109,7 @@ function onControl(raw) {
       break;
     }
     case "turn_metrics":
+      if (vb.playoutDelayMs != null) m.playout_delay_ms = vb.playoutDelayMs;
       vb.metrics.push(m);
       if (m.agent_text) { turnEntry(m.turn).finalText = m.agent_text; renderAgent(m.turn); }
       drawWaterfall(m);
@@ -164,7 +169,41 @@ function drawWaterfall(m) {
   const sum = document.createElement("span");
   sum.textContent = m.response_ms == null ? "…" : `${(stages[0][1] + response).toFixed(0)} ms`;
   sum.title = "end of speech wait + response (first agent audio sent after the end of speech)";
-  t.row.replaceChildren(label, bar, sum);
+  const jb = document.createElement("span");
+  jb.className = "jitter";
+  if (m.playout_delay_ms != null) {
+    jb.textContent = `+${m.playout_delay_ms.toFixed(0)} ms`;
+    jb.title = `playout delay in this browser (jitter buffer; target ${vb.jitterTargetMs ?? "default"} ms)`;
+  }
+  t.row.replaceChildren(label, bar, sum, jb);
+}
+
+// The receiver's average playout delay since the last sample, in ms (null until audio flowed).
+let lastJb = null;
+async function sampleJitterBuffer(receiver) {
+  const stats = await receiver.getStats();
+  for (const s of stats.values()) {
+    if (s.type !== "inbound-rtp" || s.kind !== "audio" || !s.jitterBufferEmittedCount) continue;
+    if (lastJb && s.jitterBufferEmittedCount > lastJb.count) {
+      const ms = (1000 * (s.jitterBufferDelay - lastJb.delay)) / (s.jitterBufferEmittedCount - lastJb.count);
+      vb.playoutDelayMs = ms;
+      vb.playoutDelaySamples.push(ms);
+      if (vb.playoutDelaySamples.length > 600) vb.playoutDelaySamples.shift();
+    }
+    lastJb = { delay: s.jitterBufferDelay, count: s.jitterBufferEmittedCount };
+  }
+}
+
+function applyJitterTarget(receiver) {
+  const target = vb.jitterTargetMs;
+  if (typeof target !== "number" || target < 0) return;
+  if ("jitterBufferTarget" in receiver) {
+    receiver.jitterBufferTarget = target; // ms (Chrome 114+, Safari, Firefox 130+)
+    vb.jitterTargetApplied = true;
+  } else if ("playoutDelayHint" in receiver) {
+    receiver.playoutDelayHint = target / 1000; // older Chrome: seconds
+    vb.jitterTargetApplied = true;
+  }
 }
 
 function rms(analyser, buf) {
@@ -220,7 +259,8 @@ async function call() {
   try {
     const cfg = await fetch("/v1/config", { headers: auth });
     if (cfg.status === 401) throw new Error("wrong token");
-    const { ice_servers: iceServers = [] } = await cfg.json();
+    const { ice_servers: iceServers = [], jitter_target_ms: jitterTarget = null } = await cfg.json();
+    vb.jitterTargetMs = typeof jitterTarget === "number" ? jitterTarget : null;
 
     audioCtx = new AudioContext();
     await audioCtx.resume();
@@ -238,6 +278,9 @@ async function call() {
     control = pc.createDataChannel("control");
     control.onmessage = (e) => onControl(e.data);
     pc.ontrack = (e) => {
+      applyJitterTarget(e.receiver);
+      lastJb = null;
+      statsTimer = setInterval(() => sampleJitterBuffer(e.receiver).catch(() => {}), STATS_MS);
       const stream = e.streams[0] || new MediaStream([e.track]);
       $("agent-audio").srcObject = stream; // Chrome only feeds WebAudio from a remote stream that also plays
       agentAnalyser = audioCtx.createAnalyser();
@@ -274,7 +317,8 @@ async function call() {
 
 function hangup() {
   if (levelTimer) clearInterval(levelTimer);
-  levelTimer = null;
+  if (statsTimer) clearInterval(statsTimer);
+  levelTimer = statsTimer = null;
   if (pc) pc.close();
   if (mic) mic.getTracks().forEach((t) => t.stop());
   if (audioCtx) audioCtx.close();

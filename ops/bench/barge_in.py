@@ -63,6 +63,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from shared import registry
+from shared.bus.entries import redis_py_replies
 from shared.cancel import CancelWatch, publish_cancel
 from shared.config import PoolConfig, load_config
 from shared.jobs import enqueue
@@ -76,7 +78,7 @@ from shared.protocol import (
     encode,
 )
 from shared.redis_conn import DEFAULT_URL, connect
-from shared import registry
+from shared.stats import percentile
 
 TARGET = {"cancel_p99_ms": 3.0}
 LLAMA_MODEL = "bundled:smollm2-135m-instruct"
@@ -229,28 +231,19 @@ async def child_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))], 3)
 
 
 def stream_entries(reply: Any) -> list[Any]:
-    """The entries of a one-stream XREAD reply (RESP2 list or RESP3 map)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        entries = next(iter(reply.values()))
-        return entries[0] if entries and isinstance(entries[0], list) else entries
-    return reply[0][1]
+    """The entries of a one-stream XREAD reply (shared.bus.entries knows every shape redis-py gives)."""
+    pairs = redis_py_replies(reply)
+    return pairs[0][1] if pairs else []
 
 
 class Run:
     def __init__(self, redis: aioredis.Redis, url: str, engine: str, options: dict[str, Any], run_id: str) -> None:
         self.redis, self.url, self.engine, self.options = redis, url, engine, options
         self.pool = f"bench-bargein-{engine}-{run_id}"
-        self.stamps_key = f"vb:bench:bargein:{run_id}:{engine}:stamps"
+        self.stamps_key = Keys.bench(f"bargein:{run_id}:{engine}:stamps")
         self.run_id = run_id
         self.sessions: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
@@ -341,19 +334,19 @@ class Run:
             probes.append(await self.probe(i))
         steps = [s for r in rows for s in r["steps"]]
         out: dict[str, Any] = {
-            "cancel_p50_ms": pct([r["cancel_ms"] for r in rows], 50),
-            "cancel_p99_ms": pct([r["cancel_ms"] for r in rows], 99),
+            "cancel_p50_ms": percentile([r["cancel_ms"] for r in rows], 50),
+            "cancel_p99_ms": percentile([r["cancel_ms"] for r in rows], 99),
             "step_ms": round(statistics.median(steps), 3) if steps else None,
             "trials": len(rows),
             "skipped_trials": trials - len(rows),
         }
         for name in ("hop_ms", "close_ms", "step_wait_ms", "stop_ms"):
             values = [r[name] for r in rows]
-            out[name.replace("_ms", "_p50_ms")] = pct(values, 50)
-            out[name.replace("_ms", "_p99_ms")] = pct(values, 99)
-        out["cancel_p90_ms"] = pct([r["cancel_ms"] for r in rows], 90)
-        out["pubsub_p50_ms"] = pct(probes, 50)
-        out["pubsub_p99_ms"] = pct(probes, 99)
+            out[name.replace("_ms", "_p50_ms")] = percentile(values, 50)
+            out[name.replace("_ms", "_p99_ms")] = percentile(values, 99)
+        out["cancel_p90_ms"] = percentile([r["cancel_ms"] for r in rows], 90)
+        out["pubsub_p50_ms"] = percentile(probes, 50)
+        out["pubsub_p99_ms"] = percentile(probes, 99)
         return out
 
     async def probe(self, i: int) -> float:
@@ -376,11 +369,9 @@ class Run:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        keys = [Keys.pool_jobs(self.pool), Keys.pool_dlq(self.pool), Keys.pool_errors(self.pool),
-                Keys.pool_workers(self.pool), self.stamps_key, self.stamps_key + ":probes"]
-        keys += [k async for k in self.redis.scan_iter(match=f"vb:worker:{self.pool}:*")]
-        for sid in self.sessions:
-            keys += [*Keys.session_streams(sid), Keys.ctx(sid), Keys.cancelled_turn(sid), Keys.meta(sid)]
+        keys = [*Keys.pool_keys(self.pool), self.stamps_key, self.stamps_key + ":probes"]
+        keys += [k async for k in self.redis.scan_iter(match=Keys.worker_pattern(self.pool))]
+        keys += [k for sid in self.sessions for k in Keys.session_keys(sid)]
         for i in range(0, len(keys), 500):
             await self.redis.delete(*keys[i : i + 500])
         await self.redis.srem(Keys.POOLS, self.pool)
@@ -394,7 +385,7 @@ async def run_engine(redis, args, engine: str, options: dict[str, Any], trials: 
         await run.start()
         return await run.measure(trials, step_s, prompt, args.max_tokens, args.seed)
     finally:
-        await run.close()
+        await run.aclose()
 
 
 def llama_unavailable(model: str) -> str | None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import multiprocessing as mp
 import os
 import random
@@ -50,7 +49,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from procstats import cpu_seconds, machine_jiffies, pct, receive_from
+from procstats import cpu_seconds, emit, machine_jiffies, receive_from
+
+from shared.stats import percentile
 
 FRAME_S = 0.020
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -469,16 +470,16 @@ def hop_report(spec: HopSpec, run: HopRun) -> dict[str, Any]:
         "lost": int((acked & ~received).sum()),
         "publish_failed": pub.failed,
         "duplicates": pub.duplicates,
-        "voxbus_p50_ms": pct(hop, 50),
-        "voxbus_p90_ms": pct(hop, 90),
-        "voxbus_p99_ms": pct(hop, 99),
-        "voxbus_p999_ms": pct(hop, 99.9),
-        "voxbus_max_ms": pct(hop, 100),
-        "publish_p50_ms": pct(publish, 50),
-        "publish_p99_ms": pct(publish, 99),
-        "due_to_receipt_p99_ms": pct(due_to_recv, 99),
-        "pacing_lag_p99_ms": pct(lag, 99),
-        "pacing_lag_max_ms": pct(lag, 100),
+        "voxbus_p50_ms": percentile(hop, 50),
+        "voxbus_p90_ms": percentile(hop, 90),
+        "voxbus_p99_ms": percentile(hop, 99),
+        "voxbus_p999_ms": percentile(hop, 99.9),
+        "voxbus_max_ms": percentile(hop, 100),
+        "publish_p50_ms": percentile(publish, 50),
+        "publish_p99_ms": percentile(publish, 99),
+        "due_to_receipt_p99_ms": percentile(due_to_recv, 99),
+        "pacing_lag_p99_ms": percentile(lag, 99),
+        "pacing_lag_max_ms": percentile(lag, 100),
         "late_frames": int(late.sum()),
         "sessions_behind": int(late.any(axis=1).sum()),
         "publisher_wall_s": round(pub.wall_s, 3),
@@ -515,8 +516,10 @@ def print_table(report: dict[str, Any]) -> None:
         ("pacing lag p99 / max", f"{report['pacing_lag_p99_ms']} / {report['pacing_lag_max_ms']} ms"),
         ("late frames / sessions behind", f"{report['late_frames']} / {report['sessions_behind']}"),
         ("batches / mean / max", f"{report['batches']} / {report['mean_batch']} / {report['max_batch']}"),
-        ("cpu publisher / consumer / redis", f"{report['cpu_publisher_pct']}% / {report['cpu_consumer_pct']}% / {report['cpu_redis_pct']}%"),
-        ("cpu whole machine / others", f"{report['cpu_machine_pct']}% / {report['cpu_others_pct']}% of {report['cpus'] * 100}% (load avg {report['loadavg_1m']})"),
+        ("cpu publisher / consumer / redis",
+         f"{report['cpu_publisher_pct']}% / {report['cpu_consumer_pct']}% / {report['cpu_redis_pct']}%"),
+        ("cpu whole machine / others", f"{report['cpu_machine_pct']}% / {report['cpu_others_pct']}% of "
+                                       f"{report['cpus'] * 100}% (load avg {report['loadavg_1m']})"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -605,8 +608,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "celery_version": _celery_version(),
         "celery_samples": int(celery_ms.size),
         "celery_warmup": args.celery_warmup if celery_ms.size else 0,
-        "celery_p50_ms": pct(celery_ms, 50),
-        "celery_p99_ms": pct(celery_ms, 99),
+        "celery_p50_ms": percentile(celery_ms, 50),
+        "celery_p99_ms": percentile(celery_ms, 99),
         "celery_broker_db": args.celery_db,
         "seed": spec.seed,
     }
@@ -621,11 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.celery_worker:
         _celery_worker_main(CelerySpec(args.celery_broker, args.celery_queue, args.celery_prefix))
         return 0
-    report = run(args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_table(report)
+    emit(run(args), args.json, print_table)
     return 0
 
 

@@ -1,13 +1,13 @@
-"""Measurements the benchmarks share: CPU time of this process and of the machine, percentiles, child hand-off."""
+"""What the benchmarks share: CPU time of this process and of the machine, child hand-off, printing the report."""
 
 from __future__ import annotations
 
+import json
 import resource
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
-
-import numpy as np
 
 
 def cpu_seconds() -> float:
@@ -24,10 +24,6 @@ def machine_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def pct(values: np.ndarray, q: float) -> float | None:
-    """The q-th percentile rounded to µs when the values are ms; None for no values."""
-    return round(float(np.percentile(values, q)), 3) if values.size else None
-
 
 def receive_from(conn: Connection, proc: Any, timeout: float) -> Any:
     """A child process's next message; raises if it dies or stays silent for `timeout` seconds."""
@@ -38,3 +34,14 @@ def receive_from(conn: Connection, proc: Any, timeout: float) -> Any:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{proc.name} sent nothing within {timeout:.0f}s")
     return conn.recv()
+
+
+def emit(report: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Print a benchmark's report: one JSON object with --json, else its table (default: one line per figure)."""
+    if as_json:
+        print(json.dumps(report))
+    elif table is not None:
+        table(report)
+    else:
+        for key, value in report.items():
+            print(f"{key:>40}: {value}")

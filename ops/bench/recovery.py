@@ -45,11 +45,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from shared import registry
 from shared.bus import StreamMux
 from shared.jobs import enqueue
 from shared.protocol import ChatMessage, Keys, LlmJob, TokenChunk, decode_entry, encode
 from shared.redis_conn import DEFAULT_URL, connect
-from shared import registry
 from workers.runtime import Worker
 
 TARGET = {"reclaim_s": 2.0, "lost": 0, "duplicates": 0}
@@ -222,10 +222,8 @@ class Bench:
             if p.proc.returncode is None:
                 p.proc.kill()
                 await p.proc.wait()
-        keys = [Keys.pool_jobs(self.pool), Keys.pool_dlq(self.pool), Keys.pool_errors(self.pool), Keys.pool_workers(self.pool)]
-        keys += [k async for k in self.redis.scan_iter(match=f"vb:worker:{self.pool}:*")]
-        for sid in self.sessions:
-            keys += [*Keys.session_streams(sid), Keys.ctx(sid), Keys.cancelled_turn(sid), Keys.meta(sid)]
+        keys = Keys.pool_keys(self.pool) + [k async for k in self.redis.scan_iter(match=Keys.worker_pattern(self.pool))]
+        keys += [k for sid in self.sessions for k in Keys.session_keys(sid)]
         for i in range(0, len(keys), 500):
             await self.redis.delete(*keys[i : i + 500])
         await self.redis.srem(Keys.POOLS, self.pool)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for tests.engines.speech when run as a script
 
+from procstats import emit  # noqa: E402
+
+from shared.stats import percentile  # noqa: E402
 from tests.engines.speech import corpus_wer, pad_silence, synthesize_16k, to_float32, to_frames  # noqa: E402
 
 SENTENCES = [
@@ -112,7 +114,7 @@ def bench_vad(sessions: int, seconds: float) -> dict[str, Any]:
         "vad_sessions": sessions,
         "vad_rows_per_call": round(timed.rows / timed.calls, 1),
         "vad_tick_ms_p50": round(statistics.median(tick_ms), 3),
-        "vad_tick_ms_p99": round(float(np.percentile(tick_ms, 99)), 3),
+        "vad_tick_ms_p99": percentile(tick_ms, 99),
         "vad_segmenter_ms_per_frame": round((sum(tick_ms) - timed.seconds * 1000) / (sessions * ticks), 4),
         "vad_events": events,
         "anchor_vad_ms_per_frame_unbatched_this_run": round(unbatched, 4),
@@ -243,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="vad,asr,llm,tts", help="comma-separated subset of vad,asr,llm,tts")
     args = p.parse_args(argv)
     report = run(args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>40}: {value}")
+    emit(report, args.json)
     return 1 if report["errors"] else 0
 
 

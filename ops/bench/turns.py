@@ -2,33 +2,37 @@
 
 In the spirit of LiveKit's eot-bench. Every file of a labelled corpus (see
 ops/bench/turn_corpus.py; built once into the cache) is played through the
-bridge's real ingest path in simulated time: 20 ms frames into `BatchVad.feed`
-(Silero, the product's EndpointConfig from `bridge.core.endpoint_config`), its
-events mapped to the turn machine exactly as `bridge.session` does, a `Tick`
-every frame. Frame n is "now" = (n + 1) * 20 ms, when its last sample was
-captured. A `ScoreTurn` runs the real Smart Turn v3.2 model on what the
-session would send (500 ms before the utterance up to the newest frame, at
-most 8 s); its verdict reaches the machine at now + the measured inference
-time, at the first frame tick at or after that time. Redis and the worker
-queue are not simulated.
+bridge's real ingest path in simulated time (ops/bench/turns_sim.py): Silero
+VAD with the product's EndpointConfig, the turn machine driven as
+`bridge.session` drives it, the real Smart Turn v3.2 for its `ScoreTurn`s and
+the asr-cpu pool's Whisper (tiny.en, int8, beam 1) for its preemptive
+`SubmitAsr`s, each result delivered after its measured cost (or a fixed one).
+Redis and the bus hops are not simulated.
 
 Definitions, per file (true end = `turn_end_s` of its label):
 - false cut-off: the machine decided a turn end (a `turn_end` record)
   before the true end; the rate is the share of files with one;
 - delay: time of the first turn end at or after the true end, minus the true
   end; a file without one is *missed* and counts the rest of the file;
-- monologue turns: turn ends decided in the monologue files (ideal: one each).
+- ready: the same end, or its transcript's arrival if later: when the reply
+  can start (the LLM needs the words whatever decided the end);
+- monologue turns: turn ends decided in each monologue file (ideal: one each).
 
 Configurations: VAD only (eot="none") with 300, 500 and 800 ms of silence
 (BridgeConfig min_silence_ms 270 / 470 / 770: the VAD decides up to one 32 ms
-window later), and the end-of-turn model at the default setting (the [bridge]
-table of ops/pools/cpu.toml) plus any `--threshold`. Also measured: the cost
-of one Smart Turn decision (batch of 1) and per item in a batch of 8.
-The measured time varies from run to run, and with it which verdicts beat the
-caller's next word: `--cost-ms` fixes the delay for comparable runs.
+window later); the end-of-turn model as it was before the words joined it
+("old default": the audio model alone, p >= 0.5 ends the turn at once); the
+default setting (the [bridge] table of ops/pools/cpu.toml); any `--threshold`
+and `--model` rows. Also measured: the cost of one decision (Smart Turn, batch
+of 1, and per item in a batch of 8; the continuation-cue check) and of the
+preemptive transcript it reads. Measured costs vary from run to run on a
+shared machine, and with them which verdicts beat the caller's next word:
+`--cost-ms` and `--asr-cost-ms` fix them for comparable runs. `--trace FILE`
+writes what the machine heard and decided, file by file.
 
     .venv/bin/python ops/bench/turns.py [--corpus DIR] [--limit N] [--threshold 0.3 ...]
-        [--model threshold=0.5,min_endpoint=300,rescore=200 ...] [--cost-ms MS] [--json]
+        [--model threshold=0.5,fast=0.9,min_endpoint=300,per_s=150,lang=en,unpunct=0 ...]
+        [--cost-ms MS] [--asr-cost-ms MS] [--trace FILE] [--json]
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +50,20 @@ import msgspec
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script
+for _path in (ROOT, Path(__file__).resolve().parent):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))  # run as a script: bridge/, shared/, tests.engines.speech and the siblings
 
-from ops.bench.turn_corpus import Item, ensure_corpus, load_corpus  # noqa: E402
-from shared.protocol import FRAME_SAMPLES, SAMPLE_RATE, SpeechEnd, SpeechPause, SpeechStart  # noqa: E402
+from procstats import emit
+from turn_corpus import ensure_corpus, load_corpus
+from turns_sim import FileResult, Scorer, Transcriber, load_models, simulate, vad_events
 
-FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
+from shared.protocol import SAMPLE_RATE
+
 VAD_ONLY_MS = {300: 270, 500: 470, 800: 770}  # label -> BridgeConfig.min_silence_ms
-EOT_MODEL = ("smart-turn", {"model": "bundled:smart-turn-v3.2", "threads": 1})
+# The end-of-turn rule before the transcript joined it: the audio model alone, "complete" at >= 0.5 ends at once.
+OLD_DEFAULT = {"eot_threshold": 0.5, "min_endpoint_ms": 0, "max_endpoint_ms": 2500, "eot_rescore_ms": 200,
+               "eot_fast_threshold": 1.0, "eot_language": "none", "eot_unpunctuated": False, "min_endpoint_per_s": 0}
 
 
 @dataclass(frozen=True)
@@ -63,66 +72,42 @@ class Setup:
     bridge: Any  # shared.config.BridgeConfig
 
 
-@dataclass
-class FileResult:
-    item: Item
-    ends: list[tuple[float, str]]  # (decision time s, "vad" | "model")
-
-    @property
-    def true_end(self) -> float:
-        return float(self.item.label["turn_end_s"])
-
-    @property
-    def early(self) -> list[float]:
-        return [t for t, _ in self.ends if t < self.true_end]
-
-    @property
-    def first_after(self) -> tuple[float, str] | None:
-        return next(((t, by) for t, by in self.ends if t >= self.true_end), None)
-
-    @property
-    def delay_s(self) -> float:
-        after = self.first_after
-        return after[0] - self.true_end if after else len(self.item.audio) / SAMPLE_RATE - self.true_end
-
-
-@dataclass
-class Scorer:
-    """Smart Turn, with each clip's verdict and measured cost kept: every setup sees the same decisions."""
-
-    engine: Any
-    fixed_cost_s: float | None = None  # deliver verdicts after this instead of the measured time
-    costs_s: list[float] = field(default_factory=list)  # every real batch-of-1 call
-    clips: list[np.ndarray] = field(default_factory=list)
-    _seen: dict[tuple[str, int, int], tuple[float, float]] = field(default_factory=dict)
-
-    def score(self, name: str, audio: np.ndarray, start: int, end: int) -> tuple[float, float]:
-        """(probability, cost s) for frames start..end (inclusive) of `audio`."""
-        key = (name, start, end)
-        if key not in self._seen:
-            clip = audio[start * FRAME_SAMPLES : (end + 1) * FRAME_SAMPLES].astype(np.float32) / 32768.0
-            t0 = time.perf_counter()
-            prob = float(self.engine.predict([clip])[0])
-            cost = time.perf_counter() - t0
-            self.costs_s.append(cost)
-            self.clips.append(clip)
-            self._seen[key] = (prob, cost if self.fixed_cost_s is None else self.fixed_cost_s)
-        return self._seen[key]
-
-
-MODEL_KNOBS = {"threshold": "eot_threshold", "min_endpoint": "min_endpoint_ms", "max_endpoint": "max_endpoint_ms",
-               "rescore": "eot_rescore_ms", "pause": "preemptive_pause_ms"}
+MODEL_KNOBS = {"threshold": "eot_threshold", "fast": "eot_fast_threshold", "min_endpoint": "min_endpoint_ms",
+               "max_endpoint": "max_endpoint_ms", "rescore": "eot_rescore_ms", "pause": "preemptive_pause_ms",
+               "lang": "eot_language", "cues": "eot_extra_cues", "unpunct": "eot_unpunctuated",
+               "per_s": "min_endpoint_per_s"}
 
 
 def parse_model(spec: str) -> dict[str, Any]:
-    """`threshold=0.3,min_endpoint=300,rescore=200` -> BridgeConfig overrides."""
+    """`threshold=0.3,fast=0.9,min_endpoint=300,lang=none,cues=whereas+in case` -> BridgeConfig overrides."""
     out: dict[str, Any] = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in MODEL_KNOBS or not value:
             raise SystemExit(f"--model: expected {'|'.join(MODEL_KNOBS)}=VALUE[,...], got {part!r}")
-        out[MODEL_KNOBS[key]] = float(value) if key == "threshold" else int(float(value))
+        if key in ("threshold", "fast"):
+            out[MODEL_KNOBS[key]] = float(value)
+        elif key == "unpunct":
+            out[MODEL_KNOBS[key]] = value.lower() in ("1", "true", "yes", "on")
+        elif key == "lang":
+            out[MODEL_KNOBS[key]] = value
+        elif key == "cues":
+            out[MODEL_KNOBS[key]] = [c for c in value.split("+") if c.strip()]
+        else:
+            out[MODEL_KNOBS[key]] = int(float(value))
     return out
+
+
+def describe(b: Any) -> str:
+    """A model setting in a few characters: threshold, fast path, min endpoint, transcript cues."""
+    if b.eot == "none":
+        return f"silence {b.min_silence_ms} ms"
+    fast = "off" if b.eot_fast_threshold >= 1.0 else f"{b.eot_fast_threshold:g}"
+    words = "audio only" if b.eot_language == "none" else f"+words {b.eot_language}"
+    extra = f" max {b.max_endpoint_ms}" if b.max_endpoint_ms != 2500 else ""
+    per_s = f"+{b.min_endpoint_per_s}/s" if b.min_endpoint_per_s else ""
+    punct = "+unp" if b.eot_unpunctuated and b.eot_language != "none" else ""
+    return f"p>={b.eot_threshold:g} fast {fast} min {b.min_endpoint_ms}{per_s}{extra} {words}{punct}"
 
 
 def setups(thresholds: list[float], models: list[str] | None = None) -> list[Setup]:
@@ -132,68 +117,15 @@ def setups(thresholds: list[float], models: list[str] | None = None) -> list[Set
     out = [Setup(f"vad-{label}", msgspec.structs.replace(base, eot="none", min_silence_ms=ms))
            for label, ms in VAD_ONLY_MS.items()]
     model = msgspec.structs.replace(base, eot="model")
-    out.append(Setup(f"model@{model.eot_threshold:g} (default)", model))
+    out.append(Setup("model (old default)", msgspec.structs.replace(model, **OLD_DEFAULT)))
+    out.append(Setup("model (default)", model))
     for th in dict.fromkeys(thresholds):
         if th != model.eot_threshold:
-            out.append(Setup(f"model@{th:g}", msgspec.structs.replace(model, eot_threshold=th)))
+            out.append(Setup(f"model@{th:g}", msgspec.structs.replace(
+                model, eot_threshold=th, eot_fast_threshold=max(th, model.eot_fast_threshold))))
     for spec in models or []:
         out.append(Setup(f"model[{spec}]", msgspec.structs.replace(model, **parse_model(spec))))
     return out
-
-
-def vad_events(engine: Any, config: Any, audio: np.ndarray) -> dict[int, list[Any]]:
-    """The VAD's events for `audio` fed one 20 ms frame per tick, by the frame seq that produced them."""
-    from bridge.vad.segmenter import BatchVad
-    from tests.engines.speech import to_frames
-
-    vad = BatchVad(engine, config)
-    vad.add("bench")
-    out: dict[int, list[Any]] = {}
-    for seq, pcm in enumerate(to_frames(audio)):
-        events, rejected = vad.feed([("bench", [(seq, pcm, (seq + 1) * FRAME_S)])])
-        if rejected:
-            raise RuntimeError(f"VAD rejected frame {seq}: {rejected}")
-        if events:
-            out[seq] = [event for _, event in events]
-    return out
-
-
-def simulate(item: Item, events: dict[int, list[Any]], turn_config: Any, scorer: Scorer) -> FileResult:
-    """Replay one file's VAD events through a fresh TurnMachine, as bridge.session drives it."""
-    from bridge import turn_events as ev
-    from bridge.session import EOT_PRE_SPEECH_FRAMES, EOT_WINDOW_FRAMES
-    from bridge.turns import TurnMachine
-
-    machine = TurnMachine(turn_config)
-    pending: list[ev.EotVerdict] = []
-    ends: list[tuple[float, str]] = []
-    n_frames = -(-len(item.audio) // FRAME_SAMPLES)
-
-    def handle(event: Any, seq: int) -> None:
-        for cmd in machine.handle(event):
-            if isinstance(cmd, ev.ScoreTurn):
-                end = max(cmd.end_frame, seq)  # the newest frame: the model hears the silence too
-                start = max(cmd.start_frame - EOT_PRE_SPEECH_FRAMES, end - EOT_WINDOW_FRAMES + 1, 0)
-                prob, cost = scorer.score(item.name, item.audio, start, end)
-                pending.append(ev.EotVerdict(event.now + cost, cmd.turn, prob))
-            elif isinstance(cmd, ev.Record) and cmd.kind == "turn_end":
-                ends.append((event.now, cmd.data["by"]))
-
-    for seq in range(n_frames):
-        now = (seq + 1) * FRAME_S
-        due = sorted((v for v in pending if v.now <= now + 1e-9), key=lambda v: v.now)
-        pending[:] = [v for v in pending if v.now > now + 1e-9]
-        for verdict in due:  # they arrived between the last tick and this one
-            handle(verdict, seq)
-        for e in events.get(seq, ()):
-            if isinstance(e, SpeechStart):
-                handle(ev.VadStart(now, e.frame), seq)
-            elif isinstance(e, SpeechPause):
-                handle(ev.VadResume(now) if e.resumed else ev.VadPause(now, e.start_frame, e.end_frame), seq)
-            elif isinstance(e, SpeechEnd):
-                handle(ev.VadEnd(now, e.start_frame, e.end_frame, e.silence_ms), seq)
-        handle(ev.Tick(now), seq)
-    return FileResult(item, ends)
 
 
 def _ms(values: list[float], q: float | None = None) -> float | None:
@@ -221,30 +153,42 @@ def summarize(setup: Setup, results: list[FileResult]) -> dict[str, Any]:
             entry[0], entry[1] = entry[0] + cut, entry[1] + 1
     monologues = by_kind.get("monologue", [])
     decided = [a for r in results if (a := r.first_after)]
+    b = setup.bridge
+    model = b.eot != "none"
     return {
         "config": setup.label,
-        "eot": setup.bridge.eot,
-        "threshold": setup.bridge.eot_threshold if setup.bridge.eot != "none" else None,
-        "min_silence_ms": setup.bridge.min_silence_ms if setup.bridge.eot == "none" else None,
-        "max_endpoint_ms": setup.bridge.max_endpoint_ms if setup.bridge.eot != "none" else None,
+        "setting": describe(b),
+        "eot": b.eot,
+        "threshold": b.eot_threshold if model else None,
+        "fast_threshold": b.eot_fast_threshold if model else None,
+        "min_endpoint_ms": b.min_endpoint_ms if model else None,
+        "language": b.eot_language if model else None,
+        "min_silence_ms": b.min_silence_ms if not model else None,
+        "max_endpoint_ms": b.max_endpoint_ms if model else None,
         "files": len(results),
         "false_cutoff_pct": _pct(sum(bool(r.early) for r in results), len(results)),
         "false_cutoff_pct_by_kind": {k: _pct(sum(bool(r.early) for r in rs), len(rs))
                                      for k, rs in sorted(by_kind.items())},
+        "cut_files": [r.item.name for r in results if r.early],
         "cutoffs_by_pause_s": {g: {"cut": c, "pauses": n}
                                for g, (c, n) in sorted(pauses.items(), key=lambda x: float(x[0]))},
         "mean_delay_complete_ms": _ms(complete),
         "p90_delay_complete_ms": _ms(complete, 90),
         "mean_delay_all_ms": _ms([r.delay_s for r in results]),
+        "mean_ready_complete_ms": _ms([d for r in by_kind.get("complete", []) if (d := r.ready_delay_s) is not None]),
         "missed": sum(r.first_after is None for r in results),
         "ended_by_model_pct": _pct(sum(by == "model" for _, by in decided), len(decided)),
         "monologue_files": len(monologues),
         "monologue_turns": sum(len(r.ends) for r in monologues),
+        "monologue_turns_by_file": {r.item.name: len(r.ends) for r in monologues},
     }
 
 
-def decision_costs(scorer: Scorer, repeats: int = 5) -> dict[str, Any]:
-    """Batch-of-1 costs measured during the run, and a batch of 8 of the same clips timed apart."""
+def decision_costs(scorer: Scorer, asr: Transcriber, repeats: int = 5) -> dict[str, Any]:
+    """What one end-of-turn decision costs: Smart Turn (batch of 1 as run, and per item in a batch of 8
+    of the same clips, timed apart), the continuation-cue check, and the preemptive ASR it reads."""
+    from bridge.turn_text import continuation_cue, cues_for
+
     if not scorer.clips:
         scorer.score("warm-up", np.zeros(SAMPLE_RATE * 2, np.int16), 0, 99)
     batch = [scorer.clips[i % len(scorer.clips)] for i in range(8)]
@@ -253,37 +197,46 @@ def decision_costs(scorer: Scorer, repeats: int = 5) -> dict[str, Any]:
         t0 = time.perf_counter()
         scorer.engine.predict(batch)
         per_item.append((time.perf_counter() - t0) / len(batch))
+    texts = asr.texts or ["I would like to book a table for"]
+    cues = cues_for("en")
+    t0 = time.perf_counter()
+    for _ in range(repeats * 20):
+        for text in texts:
+            continuation_cue(text, cues)
+    cue_us = (time.perf_counter() - t0) / (repeats * 20 * len(texts)) * 1e6
     ones = scorer.costs_s
     return {"decision_cost_ms": {"mean": _ms(ones), "p90": _ms(ones, 90), "calls": len(ones)},
-            "decision_cost_batch8_ms": {"mean": _ms(per_item), "p90": _ms(per_item, 90), "repeats": repeats}}
+            "decision_cost_batch8_ms": {"mean": _ms(per_item), "p90": _ms(per_item, 90), "repeats": repeats},
+            "cue_check_us": round(cue_us, 1),
+            "asr_cost_ms": {"mean": _ms(asr.costs_s), "p90": _ms(asr.costs_s, 90), "calls": len(asr.costs_s)}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import bridge.vad
-    import workers.eot
     from bridge.core import endpoint_config
-    from bridge.session import turn_config
+    from bridge.turn_state import TurnConfig
 
     t0 = time.perf_counter()
     corpus = args.corpus or ensure_corpus(log=lambda m: print(m, file=sys.stderr))
     items = load_corpus(Path(corpus))[: args.limit or None]
-    vad_engine = bridge.vad.create("silero", {})
-    eot = workers.eot.create(*EOT_MODEL)
-    eot.load()
-    eot.predict([np.zeros(SAMPLE_RATE, np.float32)])  # the first call pays for allocations
-    scorer = Scorer(eot, None if args.cost_ms is None else args.cost_ms / 1000)
+    fixed = [None if ms is None else ms / 1000 for ms in (args.asr_cost_ms, args.cost_ms)]
+    vad_engine, scorer, asr = load_models(*fixed)
     cases = setups(args.threshold, args.model)
     vad_cache: dict[tuple[str, Any], dict[int, list[Any]]] = {}
     rows = []
+    traces: list[dict[str, Any]] = []
     for setup in cases:
-        ecfg, tcfg = endpoint_config(setup.bridge), turn_config(setup.bridge)
+        ecfg, tcfg = endpoint_config(setup.bridge), TurnConfig.from_bridge(setup.bridge)
         results = []
         for item in items:
             key = (item.name, ecfg)  # the VAD does not depend on the turn machine: run once per setting
             if key not in vad_cache:
                 vad_cache[key] = vad_events(vad_engine, ecfg, item.audio)
-            results.append(simulate(item, vad_cache[key], tcfg, scorer))
+            r = simulate(item, vad_cache[key], tcfg, scorer, asr)
+            results.append(r)
+            traces.append({"config": setup.label, "file": item.name, "true_end_s": r.true_end, "trace": r.trace})
         rows.append(summarize(setup, results))
+    if args.trace:
+        args.trace.write_text("".join(json.dumps(t) + "\n" for t in traces), encoding="utf-8")
     kinds = [it.label["kind"] for it in items]
     return {
         "corpus": str(corpus),
@@ -291,8 +244,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "files_by_kind": {k: kinds.count(k) for k in sorted(set(kinds))},
         "audio_s": round(sum(len(it.audio) for it in items) / SAMPLE_RATE, 1),
         "verdict_delay": "measured" if args.cost_ms is None else f"{args.cost_ms:g} ms",
+        "transcript_delay": "measured" if args.asr_cost_ms is None else f"{args.asr_cost_ms:g} ms",
         "configs": rows,
-        **decision_costs(scorer),
+        **decision_costs(scorer, asr),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -304,28 +258,34 @@ def _fmt(value: Any) -> str:
 def print_table(report: dict[str, Any]) -> None:
     kinds = ", ".join(f"{n} {k}" for k, n in report["files_by_kind"].items())
     print(f"corpus: {report['corpus']} ({report['files']} files: {kinds}; {report['audio_s']} s of audio)\n")
-    head = ["config", "cut-off %", "delay ms", "p90 ms", "delay all", "missed", "mono turns", "cut compl %",
-            "cut incompl %"]
+    head = ["config", "setting", "cut-off %", "delay ms", "p90 ms", "ready ms", "delay all", "missed", "mono turns",
+            "cut compl %", "cut incompl %"]
     lines = []
     for row in report["configs"]:
         split = row["false_cutoff_pct_by_kind"]
-        lines.append([row["config"], row["false_cutoff_pct"], row["mean_delay_complete_ms"],
-                      row["p90_delay_complete_ms"], row["mean_delay_all_ms"], row["missed"],
-                      f"{row['monologue_turns']}/{row['monologue_files']}", split.get("complete"),
-                      split.get("incomplete")])
+        mono = "+".join(str(n) for n in row["monologue_turns_by_file"].values()) or "-"
+        lines.append([row["config"], row["setting"], row["false_cutoff_pct"], row["mean_delay_complete_ms"],
+                      row["p90_delay_complete_ms"], row["mean_ready_complete_ms"], row["mean_delay_all_ms"],
+                      row["missed"], mono,
+                      split.get("complete"), split.get("incomplete")])
     widths = [max(len(_fmt(x)) for x in col) for col in zip(head, *lines)]
     for line in [head, *lines]:
-        print("  ".join(_fmt(x).rjust(w) if i else _fmt(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
-    print("\ndelay ms / p90 ms: over complete utterances; delay all: over every file; "
-          "mono turns: turn ends / monologues")
+        print("  ".join(_fmt(x).rjust(w) if i > 1 else _fmt(x).ljust(w)
+                        for i, (x, w) in enumerate(zip(line, widths))))
+    print("\ndelay ms / p90 ms: true end -> end of turn, over complete utterances; ready ms: true end -> end of "
+          "turn and its transcript in (when the reply can start), mean; delay all: over every file; "
+          "mono turns: turn ends in each monologue (ideal: 1 each)")
     print("incomplete utterances cut off, by internal pause (s): cut/pauses")
     for row in report["configs"]:
         gaps = "  ".join(f"{g}: {v['cut']}/{v['pauses']}" for g, v in row["cutoffs_by_pause_s"].items())
         print(f"  {row['config']:<24} {gaps or '-'}")
-    one, eight = report["decision_cost_ms"], report["decision_cost_batch8_ms"]
-    print(f"\nSmart Turn decision: {one['mean']} ms mean, {one['p90']} ms p90 (batch of 1, {one['calls']} calls); "
-          f"batch of 8: {eight['mean']} ms per item")
-    print(f"verdicts delivered after: {report['verdict_delay']}; run: {report['seconds']} s")
+    one, eight, asr = report["decision_cost_ms"], report["decision_cost_batch8_ms"], report["asr_cost_ms"]
+    print(f"\none decision: Smart Turn {one['mean']} ms mean, {one['p90']} ms p90 (batch of 1, {one['calls']} calls; "
+          f"batch of 8: {eight['mean']} ms per item) + continuation cues {report['cue_check_us']} us; "
+          f"it reads the preemptive transcript (ASR {asr['mean']} ms mean, {asr['p90']} ms p90, {asr['calls']} calls), "
+          "which the reply needs anyway")
+    print(f"verdicts delivered after: {report['verdict_delay']}; transcripts after: {report['transcript_delay']}; "
+          f"run: {report['seconds']} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,17 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only the first N files")
     p.add_argument("--threshold", type=float, action="append", default=[], help="add a model row at this threshold")
     p.add_argument("--model", action="append", default=[], metavar="KNOB=V,...",
-                   help="add a model row with these settings (threshold, min_endpoint, max_endpoint, rescore, pause)")
+                   help=f"add a model row with these settings ({', '.join(MODEL_KNOBS)}; "
+                        "lang=none: the audio model alone; cues=WORD+WORD: extra continuation cues)")
     p.add_argument("--cost-ms", type=float, default=None,
                    help="deliver each verdict this long after its request instead of after the measured inference "
                         "time (reproducible figures: the measured time varies from run to run)")
+    p.add_argument("--asr-cost-ms", type=float, default=None,
+                   help="deliver each preemptive transcript this long after its job starts instead of after the "
+                        "measured transcription time")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write every file's verdicts, cues, transcripts and turn ends here (JSON lines)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    report = run(args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_table(report)
+    emit(run(args), args.json, print_table)
     return 0
 
 

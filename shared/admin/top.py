@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from shared.config import Config
+
 import argparse
 import asyncio
 import time
@@ -14,12 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--once", action="store_true", help="print one snapshot and exit (for scripts)")
 
 
-async def snapshot(redis, config=None, sessions_limit: int = 10):
+async def snapshot(redis: aioredis.Redis, config: Config | None = None, sessions_limit: int = 10) -> Any:
     """A rich renderable of the current state."""
     from rich.console import Group
     from rich.table import Table
 
     from shared.admin.exporter import collect_once
+    from shared.admin.recording import recent_sessions
     from shared.protocol import Keys
 
     rows = await collect_once(redis, config)
@@ -33,10 +41,8 @@ async def snapshot(redis, config=None, sessions_limit: int = 10):
     sessions = Table(title="recent sessions", expand=False)
     for col in ("session", "started", "age s", "audio frames", "events"):
         sessions.add_column(col)
-    recent = await redis.zrevrange(Keys.SESSIONS, 0, sessions_limit - 1, withscores=True)
     now = time.time()
-    for sid_raw, started in recent:
-        sid = sid_raw.decode() if isinstance(sid_raw, bytes) else sid_raw
+    for sid, started in await recent_sessions(redis, sessions_limit):
         pipe = redis.pipeline(transaction=False)
         pipe.xlen(Keys.audio_in(sid))
         pipe.xlen(Keys.events(sid))

@@ -59,10 +59,10 @@ class BusNode(ABC):
         with a connection error (then nothing of that batch is known). Called by one task at a time."""
 
     # ------------------------------------------------------------ reading
-    def follow(self, key: str) -> None:
+    def follow(self, key: str) -> None:  # noqa: B027  (optional: a node with per-key caches overrides it)
         """A stream the reader now follows (caches per key live here)."""
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: str) -> None:  # noqa: B027  (optional, as follow)
         """A stream the reader no longer follows."""
 
     @abstractmethod
@@ -70,7 +70,7 @@ class BusNode(ABC):
         """Entries after `positions` of `keys`, waiting up to `block_ms` while there are none."""
 
     # ------------------------------------------------------------ connections
-    async def reset(self) -> None:
+    async def reset(self) -> None:  # noqa: B027  (optional: a node without held connections has nothing to do)
         """Abandon the connection(s) after an error: the next command takes a fresh one."""
 
     async def aclose(self) -> None:
@@ -90,7 +90,8 @@ def _pipeline(redis: Any, batch: list[Xadd]) -> asyncio.Future[list[Any]]:
     pipe = redis.pipeline(transaction=False)
     for key, data, maxlen, entry_id in batch:
         pipe.xadd(key, {ENTRY_FIELD: data}, id=entry_id, maxlen=maxlen, approximate=True)
-    return asyncio.ensure_future(pipe.execute(raise_on_error=False))
+    done: asyncio.Future[list[Any]] = asyncio.ensure_future(pipe.execute(raise_on_error=False))
+    return done
 
 
 def _shards(keys: list[str], size: int) -> list[list[str]]:
@@ -111,6 +112,10 @@ class _PackedReads:
     def forget(self, key: str) -> None:
         self._keys.pop(key, None)
         self._ids.pop(key, None)
+
+    def live(self, keys: list[str], positions: Mapping[str, bytes | str]) -> list[str]:
+        """The keys still followed: a session may close while a read awaits, between two packings."""
+        return [k for k in keys if k in self._keys and k in positions]
 
     def _id(self, key: str, pos: bytes | str) -> bytes:
         cached = self._ids.get(key)
@@ -199,6 +204,9 @@ class WireNode(BusNode):
             replies = await self._wire.call(b"".join(self._packed.xread(s, positions, count, None) for s in shards),
                                             len(shards))
             if not any(replies):
+                keys = self._packed.live(keys, positions)
+                if not keys:
+                    return []
                 replies = await self._wire.call(self._packed.xread(keys, positions, count, block_ms))
         return [pair for reply in replies for pair in stream_replies(reply)]
 
@@ -287,7 +295,7 @@ class ClusterNodes(BusNode):
         plan: dict[str, tuple[Any, list[list[str]]]] = {}
         try:
             await self._redis.initialize()  # the slot map: read once, and again after redis-py dropped it
-            for keys in groups:
+            for keys in filter(None, (self._packed.live(g, positions) for g in groups)):
                 node = self._redis.get_node_from_key(keys[0])
                 plan.setdefault(node.name, (node, []))[1].append(keys)
         except Exception:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -53,6 +54,9 @@ class BatchPublisher:
         self._closed = False
         self._backoff = Backoff()
         self._batches = self._entries = self._max_seen = 0
+        # Called for every entry queued, with its key, message and future: a public hook for
+        # measurements (ops/bench/capacity.py stamps each frame's acknowledgement); None costs nothing.
+        self.observer: Callable[[str, Message, asyncio.Future[bytes | None]], None] | None = None
 
     def publish_nowait(
         self, key: str, msg: Message, maxlen: int | None = None, entry_id: str = "*"
@@ -66,6 +70,8 @@ class BatchPublisher:
             self._task = loop.create_task(self._run(), name="voxbus-publisher")
         fut: asyncio.Future[bytes | None] = loop.create_future()
         self._buf.append((key, encode(msg), maxlen or maxlen_for(key), entry_id, fut))
+        if self.observer is not None:
+            self.observer(key, msg, fut)
         self._wake.set()
         if len(self._buf) >= self._max_buffer:
             self._room.clear()
@@ -127,8 +133,8 @@ class BatchPublisher:
         n, fut = self._in_flight[0]
         if not fut.done():
             if self._sent < len(self._buf) and len(self._in_flight) < self._node.max_in_flight:
-                waiter = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait([fut, waiter], return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 self._wake.clear()
                 if not fut.done():

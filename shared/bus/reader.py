@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -60,11 +60,12 @@ class StreamMux:
 
     async def add(self, key: str, last_id: str = "$") -> None:
         """Follow `key` from after `last_id` ("$" = only entries added from now on)."""
+        position: bytes | str = last_id
         if last_id == "$":
-            newest = await self._redis.xrevrange(key, count=1)
-            last_id = newest[0][0] if newest else "0-0"
+            newest = cast(list[Any], await self._redis.xrevrange(key, count=1))
+            position = newest[0][0] if newest else "0-0"
         self._names[key.encode()] = key
-        self._pos[key] = last_id
+        self._pos[key] = position
         self._node.follow(key)
 
     def remove(self, key: str) -> None:

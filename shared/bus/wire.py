@@ -66,7 +66,7 @@ class Wire:
         """Write packed commands. `check_health=False` while replies are unread: redis-py's
         idle-connection PING would read one of them as its PONG."""
         if self._conn is None:
-            self._conn = await self._pool.get_connection()
+            self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         await self._conn.send_packed_command(packed, check_health=check_health)
 
     async def read(self, replies: int) -> list[Any]:

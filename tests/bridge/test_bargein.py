@@ -14,10 +14,9 @@ import redis.asyncio as aioredis
 
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
-from engines.speech import normalize_words, pad_silence, synthesize_16k
 from shared.protocol import ChatMessage, Keys, TokenChunk, decode, decode_entry, turn_range
-
-from bridge_conftest import RtcClient, WorkerSet, running_bridge
+from tests.engines.speech import normalize_words, pad_silence, synthesize_16k
+from tests.support.bridge import RtcClient, WorkerSet, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

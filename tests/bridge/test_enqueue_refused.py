@@ -17,9 +17,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bridge.core import Bridge
-from bridge_conftest import pools_config
 from shared.protocol import JobFailed, Keys, decode_entry
 from tests.engines.speech import pad_silence, synthesize_16k
+from tests.support.bridge import pools_config
 
 
 class Sink:
@@ -34,7 +34,7 @@ class Sink:
 
 
 async def test_refused_job_fails_the_turn_and_the_call_goes_on(redis_url: str, counter) -> None:  # type: ignore[no-untyped-def]
-    config = pools_config(preemptive_pause_ms=0)
+    config = pools_config(eot="none", preemptive_pause_ms=0)  # the turn ends on silence alone
     asr_pool = config.default_pool("asr").name
     redis = aioredis.Redis.from_url(redis_url)
     await redis.set(Keys.pool_jobs(asr_pool), "not a stream")

@@ -18,8 +18,7 @@ import redis.asyncio as aioredis
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.protocol import AudioOut, Keys, entry, output_entry_id
-
-from bridge_conftest import TOKEN, OfferRefused, RtcClient, pools_config, running_bridge
+from tests.support.bridge import TOKEN, OfferRefused, RtcClient, pools_config, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -14,8 +14,7 @@ import pytest_asyncio
 from bridge.core import Bridge
 from bridge.transports.http_guard import OfferLimiter
 from bridge.transports.webrtc import WebRtcTransport
-
-from bridge_conftest import TOKEN, RtcClient, pools_config, running_bridge
+from tests.support.bridge import TOKEN, RtcClient, pools_config, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

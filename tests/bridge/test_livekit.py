@@ -1,42 +1,36 @@
 """LiveKit transport (bridge.transports.livekit_agent / livekit_io) against the real SDK.
 
-No LiveKit server can run here, so the ROOM is a double: `RoomDouble` is the
-SDK's own EventEmitter emitting the Room's events (track_subscribed,
-data_received with real `rtc.DataPacket`s, participant_disconnected) and
-recording publish_data / publish_track; its participants are plain records.
-Everything else is real: the calls run on a real Bridge (shared Redis, real
-Silero VAD), in a job thread with its own event loop as livekit-agents' THREAD
-executor runs them; caller audio is a real `rtc.AudioSource` + `LocalAudioTrack`
-read by the transport's real `rtc.AudioStream`; agent audio goes into the
+No LiveKit server can run here, so the ROOM is a double (`RoomDouble`,
+tests/support/livekit.py): the SDK's own EventEmitter emitting the Room's
+events with real `rtc.DataPacket`s, as strict as rtc 1.1.21's Room about
+participants, subscriptions, disconnect reasons and data limits. Everything
+else is real: the calls run on a real Bridge (shared Redis, real Silero VAD),
+in a job thread with its own event loop as livekit-agents' THREAD executor
+runs them; caller audio is a real `rtc.AudioSource` + `LocalAudioTrack` read
+by the transport's real `rtc.AudioStream`; agent audio goes into the
 transport's real `rtc.AudioSource` (a spy wraps its capture_frame to record
 what was captured, and when); tokens use the real `api.AccessToken`. The
 worker test runs the real `AgentServer` unregistered and launches a fake job
-(the SDK's own mock room) through its THREAD executor.
+through its THREAD executor, in a room double instead of the SDK's mock room.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import orjson
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from livekit import api, rtc
 
 from bridge.core import Bridge
 from bridge.transports.livekit_agent import LiveKitSettings, LiveKitTransport, caller_token, pools_from_metadata
-from bridge.transports.livekit_io import BridgeLink, CallOptions, LiveKitCall
-from bridge.vad import create as create_vad
-from engines.speech import pad_silence, speech_bounds, synthesize_16k  # tests/ is on sys.path (rootdir conftest)
-from shared.bus import BatchPublisher, check_entry
-from shared.config import Config, ConfigError, parse_config
+from shared.bus import BatchPublisher
+from shared.caller_audio import to_pcm
+from shared.config import ConfigError
 from shared.protocol import (
     FRAME_MS,
     AsrJob,
@@ -44,214 +38,38 @@ from shared.protocol import (
     AudioOut,
     Interrupt,
     Keys,
+    OpusFrame,
     SpeechEnd,
     SpeechStart,
-    TokenChunk,
-    Transcript,
     output_entry_id,
 )
+from tests.engines.speech import pad_silence, speech_bounds, synthesize_16k
+from tests.support.livekit import Reason, RoomDouble, caller_mic, rooms_for_fake_jobs
+from tests.support.livekit_rig import OUT_FRAME, OUT_RATE, CallRig, agent_turn, entries, spy_captures, until
 
-T = TypeVar("T")
-OUT_RATE = 48_000
-OUT_FRAME = OUT_RATE * FRAME_MS // 1000
+pytest_plugins = ("tests.support.livekit_fixtures",)  # the fixtures: bridge, job, publisher, rig
+
 SECRET = "s" * 40  # >= 32 bytes: no InsecureKeyLengthWarning from PyJWT
 
 
-# ---------------------------------------------------------------- doubles and harness
-@dataclass
-class ParticipantDouble:
-    identity: str
-    kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
-    track_publications: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PublicationDouble:
-    sid: str
-    track: rtc.Track | None
-    kind: int = rtc.TrackKind.KIND_AUDIO
-
-
-class LocalParticipantDouble:
-    identity = "agent-test"
-
-    def __init__(self) -> None:
-        self.data: list[tuple[bytes, bool, str]] = []
-        self.tracks: list[rtc.LocalTrack] = []
-
-    async def publish_data(self, payload: bytes | str, *, reliable: bool = True,
-                           destination_identities: list[str] | None = None, topic: str = "") -> None:
-        self.data.append((payload.encode() if isinstance(payload, str) else payload, reliable, topic))
-
-    async def publish_track(self, track: rtc.LocalTrack, options: Any = None) -> Any:
-        self.tracks.append(track)
-        return None
-
-    def on_topic(self, topic: str) -> list[tuple[dict[str, Any], bool]]:
-        return [(orjson.loads(p), reliable) for p, reliable, t in list(self.data) if t == topic]
-
-
-class RoomDouble(rtc.EventEmitter[str]):
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.local_participant = LocalParticipantDouble()
-
-
-class JobThread:
-    """A thread running its own event loop, as livekit-agents runs each job (THREAD executor)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="job-thread", daemon=True)
-        self._thread.start()
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        async def invoke() -> T:
-            return fn(*args)
-        return await self.run(invoke())
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
-
-
-def make_config(uid: str) -> Config:
-    pools = {f"asr-{uid}": {"stage": "asr", "engine": "faster-whisper"},
-             f"llm-{uid}": {"stage": "llm", "engine": "llamacpp"},
-             f"tts-{uid}": {"stage": "tts", "engine": "piper"}}
-    return parse_config({"pools": pools, "bridge": {"max_sessions": 4}}, "test_livekit")
-
-
-def spy_captures(call: LiveKitCall) -> list[tuple[float, int, int]]:
-    """Wrap the call's real AudioSource.capture_frame: records (monotonic, samples, level) per frame,
-    level = the frame's constant sample value (0 silence, -1 not constant). Run on the job loop."""
-    captured: list[tuple[float, int, int]] = []
-    real = call.source.capture_frame
-
-    async def capture(frame: rtc.AudioFrame) -> None:
-        pcm = np.frombuffer(frame.data, dtype=np.int16)
-        level = int(pcm[0]) if pcm.size and pcm.min() == pcm.max() else -1
-        captured.append((time.monotonic(), frame.samples_per_channel, level))
-        await real(frame)
-
-    call.source.capture_frame = capture  # type: ignore[method-assign]
-    return captured
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def entries(redis: aioredis.Redis, key: str) -> list[Any]:
-    return [check_entry(key, fields) for _, fields in await redis.xrange(key)]
-
-
-# ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def vad_engine() -> Any:
-    return create_vad("silero", {"threads": 1})
-
-
-@pytest_asyncio.fixture
-async def bridge(redis_url: str, uid: str, redis: aioredis.Redis, vad_engine: Any) -> AsyncIterator[Bridge]:
-    b = Bridge(redis_url, make_config(uid), vad_engine=vad_engine)
-    await b.start()
-    try:
-        yield b
-    finally:
-        await b.aclose()
-        members = [m async for m, _ in redis.zscan_iter(Keys.SESSIONS, match=f"*{uid}*")]
-        if members:
-            await redis.zrem(Keys.SESSIONS, *members)
-
-
-@pytest.fixture
-def job() -> Iterator[JobThread]:
-    thread = JobThread()
-    yield thread
-    thread.close()
-
-
-@pytest_asyncio.fixture
-async def publisher(redis: aioredis.Redis) -> AsyncIterator[BatchPublisher]:
-    pub = BatchPublisher(redis)
-    yield pub
-    await pub.aclose()
-
-
-@dataclass
-class CallRig:
-    job: JobThread
-    room: RoomDouble
-    caller: ParticipantDouble
-    call: LiveKitCall
-    ended: list[str]
-
-    async def emit(self, event: str, *args: Any) -> None:
-        await self.job.call(self.room.emit, event, *args)
-
-    async def packet(self, data: bytes, sender: ParticipantDouble | None, topic: str = "control") -> None:
-        await self.emit("data_received", rtc.DataPacket(data=data, kind=rtc.DataPacketKind.KIND_RELIABLE,
-                                                        participant=sender, topic=topic))  # type: ignore[arg-type]
-
-
-@pytest_asyncio.fixture
-async def rig(bridge: Bridge, job: JobThread, uid: str) -> AsyncIterator[CallRig]:
-    room = RoomDouble(f"room-{uid}")
-    caller = ParticipantDouble(f"caller-{uid}")
-    ended: list[str] = []
-    link = BridgeLink(bridge, asyncio.get_running_loop())
-    call = await job.run(LiveKitCall.start(room, caller, link, sid=f"lk-{uid}",  # type: ignore[arg-type]
-                                           options=CallOptions(out_rate=OUT_RATE), on_end=ended.append))
-    yield CallRig(job, room, caller, call, ended)
-    await job.run(call.aclose("test over"))
-
-
-async def agent_turn(publisher: BatchPublisher, sid: str, seconds: float, level: int) -> None:
-    """What the workers would write for turn 0: a final transcript, then `seconds` of agent audio
-    whose samples all equal `level` (so every captured frame tells which audio it is)."""
-    await publisher.publish(Keys.events(sid), Transcript(session=sid, turn=0, text="hello there"))
-    total = round(seconds * OUT_RATE)
-    chunk = OUT_RATE  # 1 s per chunk
-    for seq, start in enumerate(range(0, total, chunk)):
-        n = min(chunk, total - start)
-        msg = AudioOut(session=sid, turn=0, seq=seq, pcm=np.full(n, level, np.int16).tobytes(), rate=OUT_RATE,
-                       final=start + n >= total, text="one two three four five" if seq == 0 else "")
-        await publisher.publish(Keys.audio_out(sid), msg, entry_id=output_entry_id(0, seq))
-
-
-# ---------------------------------------------------------------- tests
 async def test_caller_audio_reaches_session_vad_and_asr_job(rig: CallRig, redis: aioredis.Redis, uid: str) -> None:
-    """Real speech captured into a caller LocalAudioTrack at 48 kHz comes out of the transport's
-    rtc.AudioStream (16 kHz, 20 ms), lands in the session's audio.in through the real Bridge, and the
-    real Silero VAD ends the turn with an ASR job covering the speech."""
+    """Real speech captured into the caller's LocalAudioTrack at 48 kHz (subscribed before the call
+    started: the transport adopts it) comes out of the transport's rtc.AudioStream (16 kHz, 20 ms),
+    lands in the session's audio.in through the real Bridge, and the real Silero VAD ends the turn
+    with an ASR job covering the speech."""
     speech = synthesize_16k("Thank you very much for your help.")
     audio16 = pad_silence(speech, 0.3, 0.7)
     resampler = rtc.AudioResampler(16_000, OUT_RATE, num_channels=1)
     audio48 = np.concatenate([np.frombuffer(f.data, np.int16) for f in
                               resampler.push(bytearray(audio16.tobytes())) + resampler.flush()])
-
-    def make_caller_track() -> tuple[rtc.AudioSource, rtc.LocalAudioTrack]:
-        source = rtc.AudioSource(OUT_RATE, 1, queue_size_ms=100)
-        return source, rtc.LocalAudioTrack.create_audio_track("mic", source)
-
-    source, track = await rig.job.call(make_caller_track)
-    await rig.emit("track_subscribed", track, PublicationDouble("TR_caller", track), rig.caller)
     # another participant's audio is not the caller's: never read
-    await rig.emit("track_subscribed", track, PublicationDouble("TR_other", track), ParticipantDouble("other"))
+    _, other_mic = await rig.job.call(caller_mic)
+    await rig.act(rig.room.join, "other", other_mic)
+    await asyncio.sleep(0.05)
 
     async def speak() -> None:
         for i in range(0, len(audio48) - OUT_FRAME + 1, OUT_FRAME):
-            await source.capture_frame(rtc.AudioFrame(audio48[i:i + OUT_FRAME].tobytes(), OUT_RATE, 1, OUT_FRAME))
+            await rig.mic.capture_frame(rtc.AudioFrame(audio48[i:i + OUT_FRAME].tobytes(), OUT_RATE, 1, OUT_FRAME))
 
     await rig.job.run(speak())
     sid = rig.call.id
@@ -269,11 +87,11 @@ async def test_caller_audio_reaches_session_vad_and_asr_job(rig: CallRig, redis:
     assert [type(e) for e in events] == [SpeechStart, SpeechEnd], events
 
     frames = await entries(redis, Keys.audio_in(sid))
-    assert all(isinstance(f, AudioFrame) and len(f.pcm) == 640 for f in frames)
+    assert all(isinstance(f, AudioFrame | OpusFrame) for f in frames)
     assert [f.seq for f in frames] == list(range(len(frames)))  # one frame per 20 ms, none lost
     assert rig.call.caller_frames >= len(audio16) // 320 - 5
-    # the speech sits where it was spoken: voiced frames span the utterance (resampling aside)
-    pcm = np.concatenate([np.frombuffer(f.pcm, np.int16) for f in frames])
+    # the speech sits where it was spoken: voiced frames span the utterance (resampling, coding aside)
+    pcm = to_pcm(frames)
     first, last = speech_bounds(audio16)
     got_first, got_last = speech_bounds(pcm)
     assert abs((got_last - got_first) - (last - first)) <= 0.06 * 16_000, ((got_first, got_last), (first, last))
@@ -281,15 +99,14 @@ async def test_caller_audio_reaches_session_vad_and_asr_job(rig: CallRig, redis:
     assert isinstance(end, SpeechEnd) and jobs[0].start_seq == end.start_frame and jobs[0].end_seq == end.end_frame
     voiced_ms = (end.end_frame - end.start_frame + 1) * FRAME_MS
     assert abs(voiced_ms - (last - first) / 16) <= 200, (voiced_ms, (last - first) / 16)
-    await rig.job.run(source.aclose())
 
 
 async def test_agent_audio_tokens_and_control(rig: CallRig, bridge: Bridge, publisher: BatchPublisher) -> None:
-    """Agent audio leaves through the real AudioSource in 20 ms frames, in order, and the published
-    LocalAudioTrack carries it; tokens go lossy on `llm_tokens`, session metadata reliable on `control`."""
+    """Agent audio leaves through the real AudioSource (200 ms queue) in 20 ms frames, in order, and the
+    published LocalAudioTrack carries it; tokens go lossy on `llm_tokens`, session metadata reliable on `control`."""
     sid = rig.call.id
     local = rig.room.local_participant
-    assert local.tracks == [rig.call.track]
+    assert local.tracks == [rig.call.track] and rig.call.options.queue_ms == 200
     captured = await rig.job.call(spy_captures, rig.call)
     heard: list[int] = []
 
@@ -302,10 +119,7 @@ async def test_agent_audio_tokens_and_control(rig: CallRig, bridge: Bridge, publ
             await stream.aclose()
 
     listener = asyncio.run_coroutine_threadsafe(listen(), rig.job.loop)
-    for seq, text in enumerate(["Hi", " there", "!"]):
-        await publisher.publish(Keys.tokens(sid), TokenChunk(session=sid, turn=0, seq=seq, text=text, final=seq == 2),
-                                entry_id=output_entry_id(0, seq))
-    await agent_turn(publisher, sid, 0.4, level=1000)
+    await agent_turn(bridge, publisher, sid, 0.4, level=1000, tokens=("Hi", " there", "!"))
     await until(lambda: rig.call.frames_out >= 20 and bridge.sessions[sid].state.value == "listening",
                 what="20 agent frames played")
     await until(lambda: sum(1 for v in heard if v == 1000) >= 15, what="agent audio on the published track")
@@ -314,7 +128,7 @@ async def test_agent_audio_tokens_and_control(rig: CallRig, bridge: Bridge, publ
 
     agent = [c for c in list(captured) if c[2] != 0]
     assert [c[2] for c in agent] == [1000] * 20 and all(c[1] == OUT_FRAME for c in captured)
-    gaps = np.diff([c[0] for c in agent[5:]])  # past the source's queue fill: paced by the media clock
+    gaps = np.diff([c[0] for c in agent[12:]])  # past the source's 200 ms queue fill: paced by the media clock
     assert 0.012 < float(np.median(gaps)) < 0.028, gaps
 
     tokens = local.on_topic("llm_tokens")
@@ -326,7 +140,7 @@ async def test_agent_audio_tokens_and_control(rig: CallRig, bridge: Bridge, publ
     kinds = [m["type"] for m, _ in control]
     assert kinds[0] == "session" and control[0][0]["session"] == sid
     states = [m["state"] for m, _ in control if m["type"] == "state"]
-    assert states == ["thinking", "agent_speaking", "listening"], states
+    assert states[-3:] == ["thinking", "agent_speaking", "listening"], states
     assert any(m["type"] == "turn_metrics" and m["agent_text"] == "Hi there!" for m, _ in control)
 
 
@@ -336,12 +150,11 @@ async def test_interrupt_flushes_playout_at_once(rig: CallRig, bridge: Bridge, p
     cancelled turn is captured after it, the source's queue is cleared, late chunks are refused."""
     sid = rig.call.id
     captured = await rig.job.call(spy_captures, rig.call)
-    await agent_turn(publisher, sid, 3.0, level=1000)
+    await agent_turn(bridge, publisher, sid, 3.0, level=1000)
     await until(lambda: rig.call.frames_out >= 10, what="agent speaking")
 
     def interrupt_now() -> tuple[int, float]:  # on the job loop: the capture index at the interrupt, exactly
-        rig.room.emit("data_received", rtc.DataPacket(data=b'{"type":"interrupt"}', kind=rtc.DataPacketKind.KIND_RELIABLE,
-                                                      participant=rig.caller, topic="control"))  # type: ignore[arg-type]
+        rig.room.send_data(rig.caller, b'{"type":"interrupt"}')
         return len(captured), rig.call.source.queued_duration
 
     cut, queued_after = await rig.job.call(interrupt_now)
@@ -369,7 +182,7 @@ async def test_hostile_and_foreign_packets_are_counted_and_ignored(rig: CallRig,
     """Oversized, malformed and unknown control packets are counted (CONTROL_REJECTED) and change
     nothing; an interrupt from another participant (or the server) has no effect either."""
     sid = rig.call.id
-    await agent_turn(publisher, sid, 3.0, level=1000)
+    await agent_turn(bridge, publisher, sid, 3.0, level=1000)
     await until(lambda: rig.call.frames_out >= 5, what="agent speaking")
     reasons = ["too_large", "bad_json", "not_object", "bad_type", "unknown_type", "not_caller"]
     before = {r: counter("voxbus_control_rejected_total", reason=r) for r in reasons}
@@ -381,7 +194,8 @@ async def test_hostile_and_foreign_packets_are_counted_and_ignored(rig: CallRig,
     await rig.packet(b"[1, 2, 3]", rig.caller)
     await rig.packet(b'{"type": 5}', rig.caller)
     await rig.packet(b'{"type":"self_destruct"}', rig.caller)
-    await rig.packet(interrupt, ParticipantDouble("intruder"))
+    intruder = await rig.act(rig.room.join, "intruder")
+    await rig.packet(interrupt, intruder)
     await rig.packet(interrupt, None)  # sent by a server SDK
     await rig.packet(interrupt, rig.caller, topic="chat")  # not the control topic: not ours
     await rig.packet(b'{"type":"ping","id":7}', rig.caller)
@@ -397,16 +211,17 @@ async def test_hostile_and_foreign_packets_are_counted_and_ignored(rig: CallRig,
     assert rig.call.stats()["control_rejected"]["not_caller"] == 2
 
 
-async def test_caller_leaving_ends_the_call(rig: CallRig, bridge: Bridge) -> None:
-    """participant_disconnected of someone else changes nothing; of the caller, it ends the call:
+async def test_caller_hanging_up_ends_the_call(rig: CallRig, bridge: Bridge) -> None:
+    """Someone else leaving changes nothing; the caller hanging up (CLIENT_INITIATED) ends the call:
     on_end (ctx.shutdown in a job) is told why and the session is closed on the bridge."""
     sid = rig.call.id
-    await rig.emit("participant_disconnected", ParticipantDouble("someone-else"))
+    await rig.act(rig.room.join, "someone-else")
+    await rig.act(rig.room.leave, "someone-else", Reason.CLIENT_INITIATED)
     await asyncio.sleep(0.05)
     assert sid in bridge.sessions and rig.ended == []
-    await rig.emit("participant_disconnected", rig.caller)
+    await rig.act(rig.room.leave, rig.caller.identity, Reason.CLIENT_INITIATED)
     await until(lambda: sid not in bridge.sessions and rig.call.closed.is_set(), what="call closed")
-    assert rig.ended == ["caller left"]
+    assert rig.ended == ["caller left (CLIENT_INITIATED)"]
 
 
 async def test_session_closed_by_the_bridge_ends_the_call(rig: CallRig, bridge: Bridge) -> None:
@@ -425,7 +240,7 @@ def test_access_token_grants_the_room() -> None:
     assert claims.identity == "alice" and claims.video is not None
     assert claims.video.room_join and claims.video.room == "room-1" and claims.video.can_publish_data
     assert claims.room_config is None
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (the SDK raises jwt's own error types)
         api.TokenVerifier("APIkey123", "another-secret-of-thirty-two-bytes!!").verify(token)
     dispatched = caller_token(LiveKitSettings("wss://lk.example", "APIkey123", SECRET, "voxbus"), "room-2", "bob")
     room_config = api.TokenVerifier("APIkey123", SECRET).verify(dispatched).room_config
@@ -437,20 +252,44 @@ def test_settings_come_from_the_environment() -> None:
         LiveKitSettings.from_env({"LIVEKIT_URL": "wss://lk.example"})
     with pytest.raises(ConfigError, match="LIVEKIT_URL"):
         LiveKitSettings.from_env({"LIVEKIT_URL": "lk.example", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "s"})
-    settings = LiveKitSettings.from_env({"LIVEKIT_URL": "wss://lk.example", "LIVEKIT_API_KEY": "k",
-                                         "LIVEKIT_API_SECRET": "hush-hush", "LIVEKIT_AGENT_NAME": "voxbus"})
+    env = {"LIVEKIT_URL": "wss://lk.example", "LIVEKIT_API_KEY": "k", "LIVEKIT_API_SECRET": "hush-hush",
+           "LIVEKIT_AGENT_NAME": "voxbus"}
+    settings = LiveKitSettings.from_env(env)
     assert (settings.url, settings.agent_name) == ("wss://lk.example", "voxbus") and "hush" not in repr(settings)
+    assert (settings.drain_timeout_s, settings.reconnect_grace_s) == (600.0, 20.0)
+    tuned = LiveKitSettings.from_env({**env, "VOXBUS_LIVEKIT_DRAIN_TIMEOUT_S": "90",
+                                      "VOXBUS_LIVEKIT_RECONNECT_GRACE_S": "30"})
+    assert (tuned.drain_timeout_s, tuned.reconnect_grace_s) == (90.0, 30.0)
+    with pytest.raises(ConfigError, match="VOXBUS_LIVEKIT_RECONNECT_GRACE_S"):
+        LiveKitSettings.from_env({**env, "VOXBUS_LIVEKIT_RECONNECT_GRACE_S": "-1"})
     assert pools_from_metadata("") is None and pools_from_metadata('{"pools": {"asr": "a"}}') == {"asr": "a"}
     with pytest.raises(ValueError):
         pools_from_metadata('{"pools": ["asr"]}')
 
 
-async def test_worker_runs_jobs_in_threads_on_the_bridge(bridge: Bridge, redis: aioredis.Redis) -> None:
+async def test_worker_runs_jobs_in_threads_on_the_bridge(bridge: Bridge, redis: aioredis.Redis,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The real AgentServer built from build_worker_options, unregistered (no server here), runs a
-    fake job (the SDK's mock room) in its THREAD executor: the entrypoint opens a `livekit` session on
-    this process's bridge across loops, and stopping the worker closes it."""
+    fake job in its THREAD executor with the real JobContext (connect, wait_for_participant), in a room
+    double where the caller waits, microphone subscribed: the entrypoint opens a `livekit` session on this
+    process's bridge across loops, reads the caller's audio, and stopping the worker closes it."""
+    mics: list[rtc.AudioSource] = []
+
+    def room_with_caller() -> RoomDouble:
+        room = RoomDouble("voxbus-test")
+        mic, track = caller_mic()
+        mics.append(mic)
+        room.join("caller", track, subscribed=True)
+        return room
+
+    rooms = rooms_for_fake_jobs(monkeypatch, room_with_caller)
+
+    async def talk() -> None:  # on the job's loop, where the microphone was made
+        for _ in range(25):
+            await mics[0].capture_frame(rtc.AudioFrame(bytes(2 * OUT_FRAME), OUT_RATE, 1, OUT_FRAME))
+
     transport = LiveKitTransport(bridge, settings=LiveKitSettings("ws://127.0.0.1:9", "key", SECRET), port=0,
-                                 register=False)
+                                 register=False, drain_timeout_s=0)
     await transport.start()
     sid = ""
     try:
@@ -459,9 +298,18 @@ async def test_worker_runs_jobs_in_threads_on_the_bridge(bridge: Bridge, redis: 
         await until(lambda: len(bridge.sessions) == 1, what="the job's session")
         sid = next(iter(bridge.sessions))
         assert sid.startswith("lk-") and (await redis.get(Keys.meta(sid))) is not None
+        await until(lambda: len(rooms[0].local_participant.tracks) == 1, what="the agent's track")
+        assert len(rooms) == 1 and rooms[0].connects == 1
+        loop = rooms[0].loop_()
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(talk(), loop))
+        deadline = time.monotonic() + 5
+        while not await redis.xlen(Keys.audio_in(sid)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await redis.xlen(Keys.audio_in(sid)) > 0  # the caller's track, subscribed before the agent came
+        assert transport.stats()["slots"] == 1
     finally:
         await transport.aclose()
         if sid:
             await redis.delete(*Keys.session_streams(sid), Keys.ctx(sid), Keys.meta(sid))
             await redis.zrem(Keys.SESSIONS, sid)
-    assert bridge.sessions == {}
+    assert bridge.sessions == {} and len(transport.slots) == 0

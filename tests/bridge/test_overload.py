@@ -13,9 +13,8 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from shared.protocol import AsrJob, Keys, entry
-
-from bridge_conftest import TOKEN, RtcClient, WorkerSet, pools_config, running_bridge
-from engines.speech import pad_silence, synthesize_16k
+from tests.engines.speech import pad_silence, synthesize_16k
+from tests.support.bridge import TOKEN, RtcClient, WorkerSet, pools_config, running_bridge
 
 
 async def test_an_overloaded_caller_hears_an_apology_not_silence(redis_url: str, workers: WorkerSet) -> None:

@@ -23,14 +23,14 @@ import pytest
 
 from bridge.core import Bridge
 from bridge.replay import compare, recorded_turns, replay_asr, replay_session
-from bridge_conftest import ROOT, WorkerSet, delete_session_keys
-from shared.config import Config
 from shared.admin.exporter import collect_once
+from shared.admin.recording import export_session, load, save
+from shared.config import Config
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import AsrJob, Keys
-from shared.admin.recording import export_session, load, save
 from shared.redis_conn import connect
 from tests.engines.speech import pad_silence, synthesize_16k
+from tests.support.bridge import ROOT, WorkerSet, delete_session_keys
 
 QUESTIONS = ["What is the capital of France?", "Thank you very much for your help."]
 
@@ -41,10 +41,13 @@ async def _play(session, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _wait_listening(session, timeout: float = 90.0) -> None:
+async def _wait_answered(session, answers: int, timeout: float = 90.0) -> None:
+    """Until the agent has finished speaking its `answers`-th reply (a pause before the end of a
+    turn is "listening" too, so the state alone would let the next question cut in)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if session.state.value == "listening" and not session.playout.audible and session.times:
+        answered = sum(1 for t in session.times.values() if t.first_audio_ts)
+        if session.state.value == "listening" and not session.playout.audible and answered >= answers:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"session never went back to listening: {session.stats()}")
@@ -58,12 +61,12 @@ async def make_recorded_session(redis_url: str, config: Config) -> str:
     try:
         session = await bridge.open_session(f"rec-{uuid.uuid4().hex[:8]}", transport="test")
         player = asyncio.create_task(_play(session, stop))
-        for text in QUESTIONS:
+        for i, text in enumerate(QUESTIONS):
             pcm = pad_silence(synthesize_16k(text), 0.3, 1.5)
             for start in range(0, len(pcm), 320 * 5):  # 100 ms at a time, in real time
                 session.push_audio(pcm[start:start + 1600])
                 await asyncio.sleep(0.1)
-            await _wait_listening(session)
+            await _wait_answered(session, i + 1)
         stop.set()
         await player
         return session.id

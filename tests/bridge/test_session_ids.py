@@ -10,8 +10,7 @@ import redis.asyncio as aioredis
 
 from bridge.core import Bridge, SessionExists
 from shared.protocol import AudioFrame, Keys, Transcript, entry, frame_entry_id
-
-from bridge_conftest import OfferRefused, RtcClient, delete_session_keys, pools_config, running_bridge
+from tests.support.bridge import OfferRefused, RtcClient, delete_session_keys, pools_config, running_bridge
 
 
 async def test_an_ended_call_s_id_is_never_reused(redis_url: str, redis: aioredis.Redis, uid: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bridge import turn_events as ev
+from bridge.turn_text import LANGUAGES, continuation_cue, cues_for
 from bridge.turns import TurnConfig, TurnMachine
 
 
@@ -253,6 +254,26 @@ def test_continuation_after_a_model_end_joins_the_turn() -> None:
     ], MODEL)
 
 
+def test_a_new_question_inside_the_vads_utterance_starts_after_the_answered_turn() -> None:
+    """The model ended turn 0 at a pause and the agent answered; the caller asked again before the
+    VAD's silence timeout, so for the VAD it is still the same utterance (start 10). Turn 1 is only
+    the new speech: an ASR job from frame 10 would transcribe both questions as one."""
+    machine = run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.EotVerdict(1.04, 0, 0.9), ["record turn_end 0 model"]),
+        Step(ev.TranscriptIn(1.2, 0, "What is the capital of France?"), ["reply 0 What is the capital of France?"]),
+        Step(ev.AudioQueued(1.5, 0, final=True)),
+        Step(ev.FramePlayed(1.6, 0, first=True, last=False)),
+        Step(ev.FramePlayed(2.4, 0, first=False, last=True), ["phase listening"]),
+        Step(ev.VadResume(2.6), ["phase user_speaking"], deny=["record merged"]),
+        Step(ev.VadPause(4.0, 10, 190), ["asr 1 61-190", "score 1 61-190"]),
+        Step(ev.EotVerdict(4.04, 1, 0.9), ["record turn_end 1 model"]),
+        Step(ev.VadEnd(6.6, 10, 190, 2500.0), deny=["asr", "record turn_end"]),  # the VAD's timeout: already ended
+    ], MODEL)
+    assert machine.turn == 1
+
+
 def test_interrupt_while_nothing_plays_is_ignored() -> None:
     run([Step(ev.ClientInterrupt(0.5), exact=True)])
 
@@ -319,3 +340,185 @@ def test_a_late_job_of_a_speculative_turn_only_drops_the_speculation() -> None:
         Step(ev.VadEnd(1.3, 10, 60, 300.0), ["asr 1 10-60", "phase thinking"]),
         Step(ev.JobBusy(1.5, 1, "asr", "late"), ["control busy", "say 2 Sorry, busy."]),
     ], BUSY)
+
+
+# ------------------------------------------------------------------ the words join the model (eot_language)
+
+HYBRID = TurnConfig(eot="smart-turn", eot_threshold=0.5, eot_fast_threshold=0.9, min_endpoint_ms=300.0,
+                    eot_language="en", pause_ms=100.0)
+
+
+def test_a_continuation_cue_keeps_a_complete_verdict_from_ending_the_turn() -> None:
+    """The audio model hears a falling voice on "...a table for" and says done; the words say not.
+    (The audio model alone ended this turn at the verdict.)"""
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60), ["asr 0 10-60", "score 0 10-60"]),
+        Step(ev.EotVerdict(1.04, 0, 0.97), ["record eot 0"], deny=["record turn_end"]),
+        Step(ev.TranscriptIn(1.2, 0, "I would like to book a table for"), ["record eot_cue 0"],
+             deny=["record turn_end", "release"]),
+        Step(ev.Tick(2.0), deny=["record turn_end", "score"]),  # no verdict can end it: no more asking
+        Step(ev.VadResume(2.1), ["record preemptive 0 abandoned"]),
+        Step(ev.VadPause(3.0, 10, 140), ["asr 1 10-140", "score 1 10-140"]),
+        Step(ev.TranscriptIn(3.2, 1, "I would like to book a table for four people."), deny=["record eot_cue"]),
+        Step(ev.EotVerdict(3.25, 1, 0.95), ["record turn_end 1 model", "release"]),
+    ], HYBRID)
+
+
+def test_a_cue_leaves_the_end_to_the_vads_timeout() -> None:
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.TranscriptIn(1.15, 0, "My name is"), ["record eot_cue 0"]),
+        Step(ev.EotVerdict(1.2, 0, 0.99), deny=["record turn_end"]),
+        Step(ev.VadEnd(3.5, 10, 60, 2500.0), ["record turn_end 0 vad", "release", "control transcript"], deny=["asr"]),
+    ], HYBRID)
+
+
+def test_a_confident_verdict_with_finished_words_ends_the_turn_at_once() -> None:
+    """p >= eot_fast_threshold: no min_endpoint_ms wait, only the transcript's (the reply needs it anyway)."""
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.EotVerdict(1.04, 0, 0.97), deny=["record turn_end"]),  # the words are not in yet
+        Step(ev.TranscriptIn(1.15, 0, "Can you spell the name of that city for me?"),
+             ["reply 0 Can you spell the name of that city for me?", "record turn_end 0 model", "release"]),
+    ], HYBRID)
+    run([  # the transcript first, then the verdict
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.TranscriptIn(1.1, 0, "Who is it for?"), deny=["record turn_end", "record eot_cue"]),
+        Step(ev.EotVerdict(1.14, 0, 0.95), ["record turn_end 0 model"]),
+    ], HYBRID)
+
+
+def test_a_moderate_verdict_waits_min_endpoint_of_silence() -> None:
+    """eot_threshold <= p < eot_fast_threshold: ended once min_endpoint_ms of silence passed (pause_ms included).
+    (The audio model alone, min_endpoint_ms 0, ended it at the verdict.)"""
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.EotVerdict(1.04, 0, 0.7)),
+        Step(ev.TranscriptIn(1.1, 0, "Yes, that works for me."), deny=["record turn_end"]),
+        Step(ev.Tick(1.18), deny=["record turn_end"]),
+        Step(ev.Tick(1.2), ["record turn_end 0 model"]),
+    ], HYBRID)
+    run([  # the caller goes on within min_endpoint_ms: one turn, never cut
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.EotVerdict(1.04, 0, 0.7)),
+        Step(ev.TranscriptIn(1.1, 0, "Thanks.")),
+        Step(ev.VadResume(1.16), ["record preemptive 0 abandoned"], deny=["record turn_end"]),
+    ], HYBRID)
+
+
+def test_finished_words_do_not_overrule_an_incomplete_verdict() -> None:
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.TranscriptIn(1.1, 0, "What is the capital of France?")),
+        Step(ev.EotVerdict(1.14, 0, 0.2), deny=["record turn_end"]),
+        Step(ev.Tick(1.34), ["score 0 10-60"], deny=["record turn_end"]),  # asked again as the silence grows
+        Step(ev.EotVerdict(1.38, 0, 0.8), ["record turn_end 0 model"]),  # moderate, after min_endpoint_ms of silence
+    ], HYBRID)
+
+
+def test_a_caller_who_has_held_the_floor_gets_longer_to_go_on() -> None:
+    """min_endpoint_per_s: a 5 s turn waits 150 ms x 5.02 s = 753 ms of silence even on a confident verdict.
+    (The old rule ended a reading at its first full stop.)"""
+    config = TurnConfig(eot="smart-turn", eot_threshold=0.5, eot_fast_threshold=0.9, min_endpoint_ms=300.0,
+                        min_endpoint_per_s=150.0, eot_language="en", pause_ms=100.0)
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(5.0, 10, 260)),
+        Step(ev.EotVerdict(5.04, 0, 0.97)),
+        Step(ev.TranscriptIn(5.15, 0, "It was the best of times, it was the worst of times."),
+             deny=["record turn_end"]),
+        Step(ev.Tick(5.64), deny=["record turn_end"]),
+        Step(ev.Tick(5.66), ["record turn_end 0 model"]),
+    ], config)
+    run([  # a short question on the same settings: 150 ms x 1.02 s is less than the transcript's wait
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.1, 10, 60)),
+        Step(ev.EotVerdict(1.14, 0, 0.97)),
+        Step(ev.TranscriptIn(1.25, 0, "What time do you open tomorrow?"), ["record turn_end 0 model"]),
+    ], config)
+
+
+def test_vad_only_turns_never_read_cues() -> None:
+    config = TurnConfig(eot="none", eot_language="en")
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.TranscriptIn(1.15, 0, "My name is"), deny=["record eot_cue", "record turn_end"]),
+        Step(ev.VadEnd(1.3, 10, 60, 300.0), ["record turn_end 0 vad"]),
+    ], config)
+
+
+def test_without_a_cue_language_the_model_alone_decides() -> None:
+    config = TurnConfig(eot="smart-turn", eot_threshold=0.5, eot_fast_threshold=0.9, min_endpoint_ms=300.0,
+                        pause_ms=100.0)
+    run([
+        Step(ev.VadStart(0.0, 10)),
+        Step(ev.VadPause(1.0, 10, 60)),
+        Step(ev.EotVerdict(1.04, 0, 0.95), ["record turn_end 0 model"]),  # fast, and no transcript needed
+        Step(ev.TranscriptIn(1.2, 0, "I would like to book a table for"), deny=["record eot_cue"]),
+    ], config)
+
+
+@pytest.mark.parametrize(("text", "cue"), [
+    ("I would like to book a table for", "word:for"),
+    ("I'd like the chicken and...", "ellipsis"),
+    ("We need tomatoes, onions,", "comma"),
+    ("Um", "filler:um"),
+    ("So.", "filler:so"),
+    ("Well, the thing is, uh", "filler:uh"),
+    ("First I went to the bank and then", "phrase:and then"),
+    ("If it rains tomorrow then", "phrase:if ... then"),
+    ("My name is", "copula:is"),
+    ("The reason I'm calling is", "copula:is"),
+    ("Turn on the lights in the", "word:the"),
+    ("My number is 5 5 5", "digits"),
+    ("My number is five five five, two three four", "digits"),
+    ("The card number is 4111 2222.", "digits"),
+    ("What is the capital of Germany?", None),
+    ("Who is it for?", None),  # questions strand prepositions
+    ("Yes, it is.", None),  # a linking verb after a pronoun: a short answer
+    ("No, I don't think so.", None),
+    ("Okay.", None),
+    ("My order number is 4567.", None),
+    ("Set an alarm for six thirty.", None),
+    ("", None),
+])
+def test_continuation_cues(text: str, cue: str | None) -> None:
+    assert continuation_cue(text, cues_for("en")) == cue
+
+
+def test_extra_cues_and_other_languages() -> None:
+    assert continuation_cue("I'll have it delivered whereas", cues_for("en")) is None
+    assert continuation_cue("I'll have it delivered whereas", cues_for("en", ("whereas",))) == "word:whereas"
+    assert continuation_cue("Send it in case", cues_for("en", ("in case",))) == "phrase:in case"
+    assert continuation_cue("Ich möchte einen Tisch für", cues_for("de")) == "word:für"
+    assert continuation_cue("Ich möchte einen Tisch für vier.", cues_for("de")) is None
+
+
+def test_the_bridge_settings_reach_the_machine_and_are_checked() -> None:
+    import msgspec
+
+    from shared.config import BridgeConfig, ConfigError, load_config, parse_config
+
+    base = load_config()
+    cfg = TurnConfig.from_bridge(msgspec.structs.replace(base.bridge, eot="model", eot_language="none",
+                                                          eot_extra_cues=["whereas"], eot_fast_threshold=0.95))
+    assert (cfg.eot, cfg.eot_language, cfg.eot_extra_cues, cfg.eot_fast_threshold) == ("model", "", ("whereas",), 0.95)
+    assert TurnConfig.from_bridge(BridgeConfig()).eot_language == "en"
+    pools = {name: msgspec.to_builtins(pool) for name, pool in base.pools.items()}
+    from typing import get_args, get_type_hints
+
+    languages = get_args(get_type_hints(BridgeConfig)["eot_language"])
+    assert set(languages) == set(LANGUAGES) | {"none"}  # every language the pools file takes has its cues
+    for bad, what in [({"eot_language": "xx"}, "bridge.eot_language"),
+                      ({"eot_fast_threshold": 0.3}, "bridge.eot_fast_threshold"),
+                      ({"eot_extra_cues": [" "]}, "bridge.eot_extra_cues")]:
+        with pytest.raises(ConfigError, match=what):
+            parse_config({"pools": pools, "defaults": dict(base.defaults), "bridge": {"eot": "model", **bad}})

@@ -18,9 +18,8 @@ from aiortc.codecs import get_encoder
 from bridge.core import Bridge
 from bridge.transports import rtc_setup
 from bridge.transports.webrtc import WebRtcTransport
-from engines.speech import pad_silence, synthesize_16k, wer
-
-from bridge_conftest import RtcClient, WorkerSet, running_bridge
+from tests.engines.speech import pad_silence, synthesize_16k, wer
+from tests.support.bridge import RtcClient, WorkerSet, running_bridge
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

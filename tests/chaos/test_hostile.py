@@ -49,22 +49,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from chaos_conftest import (
-    ChaosCluster,
-    WorkerProc,
-    assert_caller_tokens_unique,
-    assert_no_duplicate_outputs,
-    chaos_bridge,
-    connected_caller,
-    eventually,
-    pool_counter,
-    question_audio,
-    run_turn,
-    wait_transcript,
-    wait_turn_done,
-)
 
-from prom_samples import local_counter
 from bridge.core import Bridge
 from bridge.session import TurnState
 from bridge.transports.webrtc import WebRtcTransport
@@ -76,6 +61,7 @@ from shared.protocol import (
     AudioOut,
     Cancel,
     ChatMessage,
+    EotJob,
     Interrupt,
     Keys,
     LlmJob,
@@ -89,6 +75,8 @@ from shared.protocol import (
 )
 from shared.redis_conn import connect
 from shared.wer import wer
+from tests.support import chaos
+from tests.support.prom import local_counter
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -96,7 +84,7 @@ HOSTILE_PER_TARGET = int(os.environ.get("VOXBUS_CHAOS_HOSTILE", "10000"))
 FIRST = "Tell me about the sun."
 SECOND = "What is a volcano?"
 MAX_CONTROL_BYTES = 4096  # BridgeConfig.max_datachannel_bytes (default)
-TARGETS = ("jobs:asr", "jobs:llm", "jobs:tts", "audio.in", "events", "tokens", "audio.out", "ctx", "cancel", "control")
+TARGETS = ("jobs:asr", "jobs:llm", "jobs:tts", "jobs:eot", "audio.in", "events", "tokens", "audio.out", "ctx", "cancel", "control")
 CATEGORIES = ("random", "truncated", "unknown_tag", "wrong_version", "unknown_session", "invalid_session",
               "other_session", "wrong_type", "bad_values", "wrong_fields")
 HUGE_EVERY = 100  # one message in this many is a huge payload (each above MAX_ENTRY_BYTES)
@@ -127,9 +115,9 @@ return ms .. '-' .. seq
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(chaos_cluster: ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
+async def stack(chaos_cluster: chaos.ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
     await asyncio.to_thread(chaos_cluster.ensure_all, 1)
-    async with chaos_bridge(chaos_cluster, max_datachannel_bytes=MAX_CONTROL_BYTES) as pair:
+    async with chaos.chaos_bridge(chaos_cluster, max_datachannel_bytes=MAX_CONTROL_BYTES) as pair:
         yield pair
 
 
@@ -161,6 +149,8 @@ def _genuine(target: str, session: str, i: int, turn: int) -> Message:
         return AsrJob(session=session, turn=0, start_seq=0, end_seq=50)
     if stage == "llm":
         return LlmJob(session=session, turn=0)
+    if stage == "eot":
+        return EotJob(session=session, turn=0, start_seq=0, end_seq=50)
     return TtsJob(session=session, turn=0, text=None if i % 2 else f"hostile {i}")
 
 
@@ -177,7 +167,8 @@ def _misplaced(target: str, session: str, i: int) -> Message:
     if target == "cancel":
         return Interrupt(session=session, turn=0)
     other_stage = {"jobs:asr": LlmJob(session=session, turn=0), "jobs:llm": TtsJob(session=session, turn=0),
-                   "jobs:tts": AsrJob(session=session, turn=0, start_seq=0, end_seq=1)}[target]
+                   "jobs:tts": AsrJob(session=session, turn=0, start_seq=0, end_seq=1),
+                   "jobs:eot": LlmJob(session=session, turn=1)}[target]
     return other_stage if i % 2 else TokenChunk(session=session, turn=0, seq=i, text="hostile")
 
 
@@ -286,21 +277,21 @@ def bridge_rejected(kind: str) -> float:
     return local_counter("voxbus_bus_rejected_total", kind=kind)
 
 
-async def worker_rejected(workers: list[WorkerProc], kind: str) -> float:
-    return await asyncio.to_thread(pool_counter, workers, "voxbus_bus_rejected_total", kind=kind)
+async def worker_rejected(workers: list[chaos.WorkerProc], kind: str) -> float:
+    return await asyncio.to_thread(chaos.pool_counter, workers, "voxbus_bus_rejected_total", kind=kind)
 
 
 # ----------------------------------------------------------------------------- tests
 
 async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
-        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: ChaosCluster) -> None:
+        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: chaos.ChaosCluster) -> None:
     bridge, transport = stack
     cluster = chaos_cluster
     rng = random.Random(8)
     counts = {target: HOSTILE_PER_TARGET for target in TARGETS}
     redis = connect(cluster.redis_url)
-    victim = await connected_caller(transport)
-    bystander = await connected_caller(transport)  # a live session the hostile entries name
+    victim = await chaos.connected_caller(transport)
+    bystander = await chaos.connected_caller(transport)  # a live session the hostile entries name
     sid, other = victim.session_id, bystander.session_id
     workers = {stage: cluster.live(stage) for stage in cluster.pools}
     every_worker = [w for ws in workers.values() for w in ws]
@@ -311,10 +302,10 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
         session = bridge.sessions[sid]
 
         async def flood_audio_in() -> None:
-            await eventually(lambda: session.state == TurnState.USER_SPEAKING, 30, "the caller to be speaking")
+            await chaos.eventually(lambda: session.state == TurnState.USER_SPEAKING, 30, "the caller to be speaking")
             await add_at_top(redis, Keys.audio_in(sid), audio_in)
 
-        first = await run_turn(victim, FIRST, during=flood_audio_in)
+        first = await chaos.run_turn(victim, FIRST, during=flood_audio_in)
         print(f"\nturn {first.turn}: heard {first.heard!r}, replied {first.agent_text!r}")
         assert wer(FIRST, first.heard) <= 0.25, first.heard
         got = await worker_rejected(workers["asr"], "audio.in") - asr_rejected
@@ -377,14 +368,14 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
             return all(last[k] >= v for k, v in want.items())
 
         try:
-            await eventually(all_counted, 90, "every hostile message to be rejected and counted", interval=0.5)
+            await chaos.eventually(all_counted, 90, "every hostile message to be rejected and counted", interval=0.5)
         finally:
             print("hostile messages per target:", counts)
             print("rejected / dead-lettered:", {k: (last.get(k), want[k]) for k in want})
         print(f"all counted {time.monotonic() - started:.1f} s after the flood began")
         assert last == want, {k: (last[k], want[k]) for k in want if last[k] != want[k]}
         assert call.control.accepted["interrupt"] == 0
-        for stage, pool in cluster.pools.items():
+        for pool in cluster.pools.values():
             letters = [decode_dead_letter(f[b"m"]) for _, f in await redis.xrevrange(Keys.pool_dlq(pool), count=50)]
             assert all(letter.source == Keys.pool_jobs(pool) for letter in letters)
         ghosts = [k async for k in redis.scan_iter(match="vb:{ghost-*", count=1000)]
@@ -392,10 +383,10 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
 
         # ---- nobody crashed, the call goes on: a new turn end to end (its LLM job reads the flooded context)
         assert all(w.alive for w in every_worker), [w.log_tail() for w in every_worker if not w.alive]
-        assert not any(t.done() for t in bridge._tasks)
+        assert not bridge.tasks.failed.is_set() and not any(t.done() for t in bridge.tasks)
         assert victim.pc.connectionState == "connected" and sid in bridge.sessions
         ctx_before = await worker_rejected(workers["llm"], "ctx")
-        second = await run_turn(victim, SECOND)
+        second = await chaos.run_turn(victim, SECOND)
         print(f"turn {second.turn}: heard {second.heard!r}, replied {second.agent_text!r}")
         assert second.turn > first.turn and second.audio_frames >= 25
         assert second.token_text == second.agent_text and len(second.agent_text.split()) >= 3
@@ -403,8 +394,8 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
         ctx_rejected = await worker_rejected(workers["llm"], "ctx") - ctx_before
         assert ctx_rejected >= counts["ctx"] and ctx_rejected % counts["ctx"] == 0, (
             f"the LLM worker rejected {ctx_rejected:.0f} hostile context entries; it read {counts['ctx']} per job")
-        await assert_no_duplicate_outputs(redis, sid, second.turn)
-        assert_caller_tokens_unique(victim)
+        await chaos.assert_no_duplicate_outputs(redis, sid, second.turn)
+        chaos.assert_caller_tokens_unique(victim)
         assert all(w.alive for w in every_worker)
         assert not bystander.controls("interrupted") and not await redis.exists(Keys.cancelled_turn(other))
     finally:
@@ -413,7 +404,7 @@ async def test_hostile_flood_is_rejected_counted_and_the_call_goes_on(
         await redis.aclose()
 
 
-async def purge_pools(redis: aioredis.Redis, cluster: ChaosCluster) -> None:
+async def purge_pools(redis: aioredis.Redis, cluster: chaos.ChaosCluster) -> None:
     """Leave the pools as the flood found them: hostile jobs a worker still holds or retries must not
     slow down the tests after this one (whatever it concluded about them)."""
     for pool in cluster.pools.values():
@@ -428,18 +419,18 @@ async def purge_pools(redis: aioredis.Redis, cluster: ChaosCluster) -> None:
 
 
 async def test_interrupt_forged_for_another_session_has_no_effect(
-        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: ChaosCluster) -> None:
+        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: chaos.ChaosCluster) -> None:
     bridge, transport = stack
     redis = connect(chaos_cluster.redis_url)
-    attacker = await connected_caller(transport)
-    speaker = await connected_caller(transport)
+    attacker = await chaos.connected_caller(transport)
+    speaker = await chaos.connected_caller(transport)
     sid = speaker.session_id
     pubsub = redis.pubsub()
     await pubsub.subscribe(Keys.cancel_channel(sid))
     try:
         asked_at = time.time()
-        speaker.mic.play(question_audio(FIRST))
-        transcript = await wait_transcript(speaker, 0)
+        speaker.mic.play(chaos.question_audio(FIRST))
+        transcript = await chaos.wait_transcript(speaker, 0)
         turn = int(transcript["turn"])
         await speaker.wait_for(lambda: len(speaker.audio_frames(since=asked_at)) >= 25, 120, "the agent to be speaking")
         ctx_before = await redis.lrange(Keys.ctx(sid), 0, -1)
@@ -461,7 +452,7 @@ async def test_interrupt_forged_for_another_session_has_no_effect(
         # the speaker's agent keeps speaking and finishes its answer
         await speaker.wait_for(lambda: len(speaker.audio_frames(since=forged_at)) >= 25, 30,
                                "the speaker's agent audio to go on after the forged interrupts")
-        result = await wait_turn_done(speaker, turn, asked_at)
+        result = await chaos.wait_turn_done(speaker, turn, asked_at)
         assert not speaker.controls("interrupted"), speaker.controls("interrupted")
         assert result.token_text == result.agent_text
         session = bridge.sessions[sid]
@@ -479,8 +470,8 @@ async def test_interrupt_forged_for_another_session_has_no_effect(
         assert ctx_after[: len(ctx_before)] == ctx_before
         added = [decode_as(raw, ChatMessage) for raw in ctx_after[len(ctx_before):]]
         assert [(m.role, m.interrupted, m.text) for m in added] == [("assistant", False, result.agent_text)], added
-        assert_caller_tokens_unique(speaker)
-        await assert_no_duplicate_outputs(redis, sid, turn)
+        chaos.assert_caller_tokens_unique(speaker)
+        await chaos.assert_no_duplicate_outputs(redis, sid, turn)
     finally:
         await pubsub.aclose()
         await asyncio.gather(attacker.aclose(), speaker.aclose())
@@ -488,15 +479,15 @@ async def test_interrupt_forged_for_another_session_has_no_effect(
 
 
 async def test_callers_churning_beside_hundreds_of_streams_never_stop_the_bridge_reader(
-        chaos_cluster: ChaosCluster) -> None:
+        chaos_cluster: chaos.ChaosCluster) -> None:
     """Calls hanging up and calling again, fast, while the bridge follows more streams than one XREAD
     shard holds (StreamMux reads them in shards, then blocks on all): the one reader task of the
     bridge must survive every close that lands while a round is in flight, and keep reading."""
-    async with chaos_bridge(chaos_cluster, max_sessions=CHURN_SESSIONS + 8) as (bridge, _):
+    async with chaos.chaos_bridge(chaos_cluster, max_sessions=CHURN_SESSIONS + 8) as (bridge, _):
         redis = connect(chaos_cluster.redis_url)
         held = [await bridge.open_session() for _ in range(CHURN_SESSIONS)]
         assert len(bridge.mux) > 512, "not enough streams for sharded reads"
-        reader = next(t for t in bridge._tasks if t.get_name() == "bridge-reader")
+        reader = next(t for t in bridge.tasks if t.get_name() == "bridge-reader")
         try:
             churned = 0
             deadline = time.monotonic() + CHURN_S
@@ -509,7 +500,7 @@ async def test_callers_churning_beside_hundreds_of_streams_never_stop_the_bridge
             # and it still reads: a junk event in a live session's stream is rejected and counted
             before = local_counter("voxbus_bus_rejected_total", kind="events")
             await redis.xadd(Keys.events(held[-1].id), {b"m": b"\xc1 junk"})
-            await eventually(lambda: local_counter("voxbus_bus_rejected_total", kind="events") > before, 10,
+            await chaos.eventually(lambda: local_counter("voxbus_bus_rejected_total", kind="events") > before, 10,
                              "the bridge's reader to read the live sessions' streams")
             print(f"\n{churned} hang-ups beside {len(bridge.mux)} followed streams")
         finally:

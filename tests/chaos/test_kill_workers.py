@@ -28,24 +28,12 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from chaos_conftest import (
-    ChaosCluster,
-    WorkerProc,
-    assert_caller_tokens_unique,
-    assert_no_duplicate_outputs,
-    chaos_bridge,
-    connected_caller,
-    output_ids,
-    pool_counter,
-    question_audio,
-    wait_transcript,
-    wait_turn_done,
-)
 
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.protocol import STAGE_JOB, Keys, ProtocolError, Transcript, decode_entry
 from shared.redis_conn import connect
+from tests.support import chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -56,9 +44,9 @@ KILL_WINDOW_S = 90.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(chaos_cluster: ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
+async def stack(chaos_cluster: chaos.ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
     await asyncio.to_thread(chaos_cluster.ensure_all, 2)  # every pool: the worker to kill and its peer
-    async with chaos_bridge(chaos_cluster) as pair:
+    async with chaos.chaos_bridge(chaos_cluster) as pair:
         yield pair
 
 
@@ -89,7 +77,7 @@ async def await_kill_moment(redis: aioredis.Redis, pool: str, stage: str, sid: s
     raise AssertionError(f"the {stage} job of {sid} never started within {KILL_WINDOW_S:.0f} s")
 
 
-def counters(worker: WorkerProc, pool: str, kind: str) -> tuple[float, float]:
+def counters(worker: chaos.WorkerProc, pool: str, kind: str) -> tuple[float, float]:
     """(jobs reclaimed, outputs refused as duplicates) so far, from the worker's /metrics."""
     return (worker.counter("voxbus_jobs_reclaimed_total", pool=pool),
             worker.counter("voxbus_bus_duplicates_total", kind=kind) if kind else 0.0)
@@ -116,19 +104,19 @@ async def transcripts_of(redis: aioredis.Redis, sid: str, turn: int) -> int:
 
 @pytest.mark.parametrize("stage", ["asr", "llm", "tts"])
 async def test_kill_9_mid_turn_the_call_still_gets_its_answer_once(
-        stage: str, stack: tuple[Bridge, WebRtcTransport], chaos_cluster: ChaosCluster) -> None:
+        stage: str, stack: tuple[Bridge, WebRtcTransport], chaos_cluster: chaos.ChaosCluster) -> None:
     bridge, transport = stack
     cluster = chaos_cluster
     peers = await asyncio.to_thread(cluster.ensure, stage, 2)
     pool = cluster.pools[stage]
     redis = connect(cluster.redis_url)
-    client = await connected_caller(transport)
+    client = await chaos.connected_caller(transport)
     sid = client.session_id
     try:
         kind = {"llm": "tokens", "tts": "audio.out"}.get(stage, "")
         before = {w.worker_id: await asyncio.to_thread(counters, w, pool, kind) for w in peers}
         asked_at = time.time()
-        client.mic.play(question_audio(QUESTION))
+        client.mic.play(chaos.question_audio(QUESTION))
         entry_id, holder, turn = await await_kill_moment(redis, pool, stage, sid)
         victim = cluster.by_id(holder)
         victim.kill()
@@ -141,14 +129,14 @@ async def test_kill_9_mid_turn_the_call_still_gets_its_answer_once(
         if stage == "asr":
             assert await transcripts_of(redis, sid, turn) == 0, "the ASR job had finished before the kill"
         else:
-            at_kill = await output_ids(redis, Keys.tokens(sid) if stage == "llm" else Keys.audio_out(sid))
+            at_kill = await chaos.output_ids(redis, Keys.tokens(sid) if stage == "llm" else Keys.audio_out(sid))
             assert at_kill and not any(final for *_, final in at_kill), f"the {stage} job had finished before the kill"
         print(f"\n{stage}: killed {holder} (job {entry_id}, turn {turn}) "
               f"{time.time() - asked_at:.2f} s after the question started")
 
-        transcript = await wait_transcript(client, 0)
+        transcript = await chaos.wait_transcript(client, 0)
         assert transcript["turn"] == turn, f"the answered turn {transcript['turn']} is not the killed job's {turn}"
-        result = await wait_turn_done(client, turn, asked_at)
+        result = await chaos.wait_turn_done(client, turn, asked_at)
         print(f"{stage}: caller heard {result.audio_frames} agent frames; reply {result.agent_text!r}")
 
         # the answer reached the caller, complete
@@ -157,17 +145,17 @@ async def test_kill_9_mid_turn_the_call_still_gets_its_answer_once(
         assert len(result.agent_text.split()) >= 3, result.agent_text
 
         # nothing duplicated, nothing missing
-        counts = await assert_no_duplicate_outputs(redis, sid, turn)
-        assert_caller_tokens_unique(client)
+        counts = await chaos.assert_no_duplicate_outputs(redis, sid, turn)
+        chaos.assert_caller_tokens_unique(client)
         assert await jobs_of(redis, cluster.pools["llm"], sid, turn) == 1
         assert await jobs_of(redis, cluster.pools["tts"], sid, turn) == 1
         print(f"{stage}: {counts}")
 
         # the peer took the job over (and, for LLM/TTS, Redis refused the outputs it repeated)
-        reclaimed = await asyncio.to_thread(pool_counter, survivors, "voxbus_jobs_reclaimed_total", pool=pool)
+        reclaimed = await asyncio.to_thread(chaos.pool_counter, survivors, "voxbus_jobs_reclaimed_total", pool=pool)
         assert reclaimed > reclaimed_before, "no surviving worker reclaimed the killed worker's job"
         if kind:
-            dupes = await asyncio.to_thread(pool_counter, survivors, "voxbus_bus_duplicates_total", kind=kind)
+            dupes = await asyncio.to_thread(chaos.pool_counter, survivors, "voxbus_bus_duplicates_total", kind=kind)
             assert dupes > dupes_before, f"the re-run published no {kind} the victim had already written"
         pending = await redis.xpending_range(Keys.pool_jobs(pool), Keys.pool_group(pool), "-", "+", 100,
                                              consumername=holder)

@@ -19,8 +19,7 @@ import redis.asyncio as aioredis
 
 from bridge.context import SessionContext
 from shared.protocol import ChatMessage, Keys, LlmJob, TokenChunk, TurnMark, decode_entry, encode, entry, turn_range
-
-from chaos_conftest import ChaosCluster
+from tests.support.chaos import ChaosCluster
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="session")]
 

@@ -22,8 +22,7 @@ import redis.asyncio as aioredis
 
 from bridge.core import Bridge
 from shared.protocol import Keys, TtsJob, entry
-
-from chaos_conftest import ChaosCluster, eventually, pool_counter, worker_records_sync
+from tests.support.chaos import ChaosCluster, eventually, pool_counter, worker_records_sync
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="session")]
 

@@ -30,26 +30,14 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from chaos_conftest import (
-    ChaosCluster,
-    WorkerProc,
-    assert_caller_tokens_unique,
-    assert_no_duplicate_outputs,
-    chaos_bridge,
-    connected_caller,
-    final_transcripts,
-    question_audio,
-    run_turn,
-    wait_transcript,
-    wait_turn_done,
-)
 
-from prom_samples import local_counter
 from bridge.core import Bridge
 from bridge.transports.webrtc import WebRtcTransport
 from shared.protocol import ChatMessage, Keys, decode_as
 from shared.redis_conn import connect
 from shared.wer import wer
+from tests.support import chaos
+from tests.support.prom import local_counter
 
 pytestmark = [pytest.mark.chaos, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -60,18 +48,18 @@ OUTAGE_S = 1.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(chaos_cluster: ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
+async def stack(chaos_cluster: chaos.ChaosCluster) -> AsyncIterator[tuple[Bridge, WebRtcTransport]]:
     await asyncio.to_thread(chaos_cluster.ensure_all, 1)
-    async with chaos_bridge(chaos_cluster) as pair:
+    async with chaos.chaos_bridge(chaos_cluster) as pair:
         yield pair
 
 
-def expected_components(cluster: ChaosCluster, workers: list[WorkerProc]) -> list[str]:
+def expected_components(cluster: chaos.ChaosCluster, workers: list[chaos.WorkerProc]) -> list[str]:
     return ([f"registry {w.worker_id}" for w in workers] + [f"group {cluster.pools[s]}" for s in cluster.pools]
             + ["cancel subscriptions", "bridge publishes", "bridge reads"])
 
 
-async def measure_reconnects(redis: aioredis.Redis, cluster: ChaosCluster, sid: str, up_at: float,
+async def measure_reconnects(redis: aioredis.Redis, cluster: chaos.ChaosCluster, sid: str, up_at: float,
                              give_up_s: float = 30.0) -> dict[str, float]:
     """Seconds from `up_at` (monotonic) until each process is seen working against the new server."""
     workers = cluster.all_live()
@@ -108,17 +96,17 @@ async def measure_reconnects(redis: aioredis.Redis, cluster: ChaosCluster, sid: 
 
 
 async def test_redis_restart_mid_call_everything_reconnects_and_a_new_turn_works(
-        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: ChaosCluster) -> None:
+        stack: tuple[Bridge, WebRtcTransport], chaos_cluster: chaos.ChaosCluster) -> None:
     bridge, transport = stack
     cluster = chaos_cluster
-    client = await connected_caller(transport)
+    client = await chaos.connected_caller(transport)
     sid = client.session_id
     redis = connect(cluster.redis_url)
     try:
         # the first answer is playing: its audio is all in the bridge, part of it already heard
         asked_at = time.time()
-        client.mic.play(question_audio(FIRST))
-        first = await wait_transcript(client, 0)
+        client.mic.play(chaos.question_audio(FIRST))
+        first = await chaos.wait_transcript(client, 0)
         turn = int(first["turn"])
         session = bridge.sessions[sid]
         await client.wait_for(lambda: turn in session.playout.turns and session.playout.turns[turn].final
@@ -146,21 +134,21 @@ async def test_redis_restart_mid_call_everything_reconnects_and_a_new_turn_works
 
         # nobody crashed, and the answer that was playing still plays to its end
         assert all(w.alive for w in workers), [w.log_tail() for w in workers if not w.alive]
-        assert not any(t.done() for t in bridge._tasks), [t for t in bridge._tasks if t.done()]
-        await wait_turn_done(client, turn, asked_at)
+        assert not bridge.tasks.failed.is_set(), bridge.tasks.failure  # no vital loop of the bridge ended
+        await chaos.wait_turn_done(client, turn, asked_at)
 
         # a new turn end to end, on the empty server
-        known = len(final_transcripts(client))
-        second = await run_turn(client, SECOND)
+        known = len(chaos.final_transcripts(client))
+        second = await chaos.run_turn(client, SECOND)
         assert second.turn > turn
-        assert len(final_transcripts(client)) == known + 1
+        assert len(chaos.final_transcripts(client)) == known + 1
         print(f"after the restart: heard {second.heard!r}, replied {second.agent_text!r} "
               f"({second.audio_frames} agent frames)")
         assert wer(SECOND, second.heard) <= 0.5, second.heard
         assert second.audio_frames >= 25
         assert second.token_text == second.agent_text
-        await assert_no_duplicate_outputs(redis, sid, second.turn)
-        assert_caller_tokens_unique(client)
+        await chaos.assert_no_duplicate_outputs(redis, sid, second.turn)
+        chaos.assert_caller_tokens_unique(client)
         assert all(w.alive for w in workers)
 
         # the context the LLM worker read for the new turn held the whole conversation

@@ -48,13 +48,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from chaos_conftest import (
-    ChaosCluster,
-    chaos_bridge,
-    connected_caller,
-    question_audio,
-    run_turn,
-)
 
 from bridge.caller import OfferRefused
 from bridge.core import Bridge, Overloaded
@@ -63,6 +56,13 @@ from bridge.transports.webrtc import WebRtcTransport
 from shared import protocol
 from shared.protocol import FRAME_SAMPLES, Keys, maxlen_for
 from shared.redis_conn import connect
+from tests.support.chaos import (
+    ChaosCluster,
+    chaos_bridge,
+    connected_caller,
+    question_audio,
+    run_turn,
+)
 
 
 def _env(name: str, default: float) -> float:

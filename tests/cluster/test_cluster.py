@@ -29,10 +29,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from polling import wait_until
+from shared import registry
+from shared.admin.exporter import collect_once
 from shared.bus import BatchPublisher, StreamMux
 from shared.cancel import CancelHub, cancelled_turn, publish_cancel
-from shared.admin.exporter import collect_once
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import (
     FRAME_BYTES,
@@ -61,12 +61,12 @@ from shared.redis_conn import (
     split_cluster_flag,
     wait_ready,
 )
-from shared import registry
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-JOB_CONSUMER = REPO_ROOT / "tests" / "helpers" / "job_consumer.py"
+JOB_CONSUMER = REPO_ROOT / "tests" / "support" / "job_consumer.py"
 
 
 def master_of(client: Any, key: str) -> str:

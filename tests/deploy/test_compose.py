@@ -20,8 +20,6 @@ need no Docker.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shlex
@@ -34,8 +32,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from shared.cli import COMMANDS, build_parser
-from shared.config import Config, PoolConfig, load_config
+from shared.config import Config, load_config
+from tests.support.deploy import gpus_needed, parse_voxbus
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "compose"
@@ -43,34 +41,11 @@ ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]
 DOCKERFILES = sorted(COMPOSE_DIR.glob("Dockerfile*"))
 # The browser / WebRTC stack, which the GPU worker image must not install.
-BROWSER_STACK = {"aiortc", "av", "aiohttp", "aioice", "livekit", "livekit-agents", "livekit-api", "playwright"}
+# PyAV is not in it: every worker decodes the Opus caller audio of the streams (shared/opus.py).
+BROWSER_STACK = {"aiortc", "aiohttp", "aioice", "livekit", "livekit-agents", "livekit-api", "playwright"}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def needs_gpu(pool: PoolConfig) -> bool:
-    """A pool whose worker runs its model in-process on a GPU (an `openai` pool only calls a server)."""
-    return pool.gpu_type != "cpu" and pool.engine != "openai"
-
-
-def gpus_needed(pool: PoolConfig) -> int:
-    return int(pool.options.get("tensor_parallel_size", 1)) if needs_gpu(pool) else 0
-
-
-def parse_voxbus(argv: list[str]):
-    """Parse `voxbus ...` with the real parser; fail with argparse's message if it refuses."""
-    assert argv and argv[0] == "voxbus", argv
-    assert len(argv) > 1 and argv[1] in COMMANDS, (
-        f"`{shlex.join(argv)}`: {argv[1] if len(argv) > 1 else '(none)'!r} is not a voxbus subcommand "
-        f"(have: {', '.join(COMMANDS)})")
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv[1:])
-    except SystemExit:
-        message = err.getvalue().strip().splitlines() or ["(no message)"]
-        pytest.fail(f"`{shlex.join(argv)}` is refused by the voxbus CLI: {message[-1]}")
 
 
 def argv_of(service: dict) -> list[str]:

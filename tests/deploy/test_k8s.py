@@ -21,10 +21,7 @@ the same checks run on what it renders.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import shlex
 import shutil
 import subprocess
 import tomllib
@@ -36,9 +33,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from shared.cli import COMMANDS, build_parser
 from shared.config import Config, PoolConfig, load_config, parse_config
 from shared.protocol import Keys
+from tests.support.deploy import gpus_needed, needs_gpu, parse_voxbus
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "ops" / "k8s"
@@ -49,28 +46,6 @@ GPU = "nvidia.com/gpu"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def needs_gpu(pool: PoolConfig) -> bool:
-    """A pool whose worker runs its model in-process on a GPU (an `openai` pool only calls a server)."""
-    return pool.gpu_type != "cpu" and pool.engine != "openai"
-
-
-def gpus_needed(pool: PoolConfig) -> int:
-    return int(pool.options.get("tensor_parallel_size", 1)) if needs_gpu(pool) else 0
-
-
-def parse_voxbus(argv: list[str]):
-    assert argv and argv[0] == "voxbus", argv
-    assert len(argv) > 1 and argv[1] in COMMANDS, (
-        f"`{shlex.join(argv)}`: not a voxbus subcommand (have: {', '.join(COMMANDS)})")
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv[1:])
-    except SystemExit:
-        message = err.getvalue().strip().splitlines() or ["(no message)"]
-        pytest.fail(f"`{shlex.join(argv)}` is refused by the voxbus CLI: {message[-1]}")
 
 
 def load_docs(path: Path) -> list[dict]:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from shared.models import resolve
-from shared.wer import corpus_wer, normalize_words, wer, word_errors  # noqa: F401 (re-exported for the tests)
 from shared.protocol import FRAME_SAMPLES, SAMPLE_RATE
+from shared.wer import corpus_wer, normalize_words, wer, word_errors  # noqa: F401 (re-exported for the tests)
 
 VOICE = "bundled:piper-joe-medium"
 _CACHE_VERSION = "piper-joe-noise0-v1"  # change when synthesis settings change

@@ -1,4 +1,5 @@
-"""OpenAI-compatible client against a REAL llama.cpp server (`python -m workers.llm.llama_server`, i.e. llama_cpp.server) on the bundled SmolLM2.
+"""OpenAI-compatible client against a REAL llama.cpp server (`python -m workers.llm.llama_server`: llama_cpp.server)
+on the bundled SmolLM2.
 
 The server is started once per module on a free port, with an API key, and
 killed at the end. Its log shows when it noticed a client going away.

@@ -13,10 +13,10 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from shared import registry
 from shared.admin.exporter import collect_once
 from shared.jobs import JobQueue, enqueue
 from shared.protocol import Keys, LlmJob, WorkerRecord
-from shared import registry
 
 
 def exported(pool: str) -> dict[tuple[str, str], float]:

@@ -12,7 +12,12 @@ import importlib.util
 import time
 
 import pytest
-from worker_support import (
+
+from shared.cancel import publish_cancel
+from shared.models import ModelMissing, resolve
+from shared.protocol import Cancel, Cancelled
+from tests.support.polling import wait_until
+from tests.support.workers import (
     complete_text,
     enqueue_llm,
     events,
@@ -22,11 +27,6 @@ from worker_support import (
     wait_final,
     wait_tokens,
 )
-
-from polling import wait_until
-from shared.cancel import publish_cancel
-from shared.models import ModelMissing, resolve
-from shared.protocol import Cancel, Cancelled
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,18 +10,7 @@ import asyncio
 import time
 
 import pytest
-from worker_support import (
-    complete_text,
-    enqueue_llm,
-    events,
-    pending_at,
-    start_session,
-    tokens,
-    total_pending,
-    wait_final,
-)
 
-from polling import wait_until
 from shared.bus import BatchPublisher
 from shared.config import load_config
 from shared.jobs import JobQueue, enqueue
@@ -36,6 +25,17 @@ from shared.protocol import (
     decode_worker,
 )
 from shared.routing import Router
+from tests.support.polling import wait_until
+from tests.support.workers import (
+    complete_text,
+    enqueue_llm,
+    events,
+    pending_at,
+    start_session,
+    tokens,
+    total_pending,
+    wait_final,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -65,7 +65,10 @@ async def test_poison_jobs_are_dead_lettered_with_reason_and_the_worker_keeps_se
         assert len(letters) == 1 and letters[0].deliveries == 2
         assert "failed 2 times" in letters[0].reason and why in letters[0].reason, letters[0].reason
         assert decode_entry({b"m": letters[0].payload}).session == sid
-        failed = [e for e in await events(redis, sid) if isinstance(e, JobFailed)]
+        async def job_failed(sid: str = sid) -> list[JobFailed]:  # written just after the dead letter
+            return [e for e in await events(redis, sid) if isinstance(e, JobFailed)]
+
+        failed = await wait_until(job_failed, 10, f"a JobFailed event of {sid}")
         assert len(failed) == 1 and failed[0].stage == "llm" and why in failed[0].reason
         assert await tokens(redis, sid) == []
         assert await total_pending(redis, pool) == 0

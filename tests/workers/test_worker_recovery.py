@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from worker_support import (
+
+from shared.protocol import Keys
+from tests.support.workers import (
     complete_text,
     enqueue_llm,
     holder,
@@ -22,8 +24,6 @@ from worker_support import (
     wait_final,
     wait_tokens,
 )
-
-from shared.protocol import Keys
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -35,4 +35,5 @@ class AsrEngine(Protocol):
 
 
 def create(name: str, options: dict[str, Any]) -> AsrEngine:
-    return load_engine(ENGINES, "asr", name, options)
+    engine: AsrEngine = load_engine(ENGINES, "asr", name, options)
+    return engine

@@ -9,15 +9,28 @@ utterances (as whisper.cpp's audio_ctx does): the encoder is most of the cost
 on a CPU (tiny.en: ~245 ms for 30 s of context, ~20 ms for 10 s on 2 cores),
 and a voice turn is rarely longer than a few seconds. The window is never
 shorter than the utterance plus `_CONTEXT_MARGIN_S`; below ~10 s Whisper starts
-to loop, so that is the floor we recommend.
+to loop, so that is the floor we recommend. Batched calls honour it too, with
+the window of the batch's longest utterance.
+
+A batch mixes sessions, so it never shares one language: utterances are
+grouped by their own language (the job's, else the pool's `language`), and
+those with none are detected one by one from the batch's encoder output
+(the pipeline's `multilingual`). Hub models are looked up in the local cache
+first, so a replica with baked-in models never calls the hub (HF_HUB_OFFLINE=1
+makes that a rule). On CUDA, `device = "cuda:N"` or `device_index` picks the GPU,
+and a warm-up transcription at load proves CTranslate2 has kernels for it
+(`workers.asr.ct2_cuda`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +38,7 @@ import numpy as np
 
 from shared.models import ModelMissing, resolve
 from workers.asr import AsrResult
+from workers.asr.ct2_cuda import check_visible, parse_device, unsupported
 
 log = logging.getLogger("voxbus.asr")
 
@@ -34,13 +48,14 @@ _FRAMES_PER_S = 100  # mel frames
 _FULL_CONTEXT = 3000
 _CONTEXT_MARGIN_S = 2.0
 _context = threading.local()  # encoder frames for the transcription running on this thread
+_WARMUP_S = 1.0
 
 
 def _short_context_class(base: type) -> type:
-    class ShortContextWhisper(base):  # type: ignore[misc, valid-type]
+    class ShortContextWhisper(base):  # type: ignore[misc]
         """WhisperModel whose encoder sees only the first `_context.frames` mel frames."""
 
-        def encode(self, features):  # noqa: ANN001, ANN201 - faster-whisper's own signature
+        def encode(self, features: Any) -> Any:
             frames = getattr(_context, "frames", None)
             if frames and features.shape[-1] > frames:
                 features = features[..., :frames]
@@ -62,12 +77,15 @@ class FasterWhisperAsr:
         vad_filter: bool = False,
         initial_prompt: str | None = None,
         encoder_context_s: float | None = None,
+        device_index: int | list[int] | None = None,
+        batched: bool | None = None,
+        warmup: bool | None = None,
     ) -> None:
         if encoder_context_s is not None and not 1.0 <= encoder_context_s <= 30.0:
             raise ValueError(f"encoder_context_s must be within 1..30 s (or None), got {encoder_context_s}")
         self.encoder_context_s = encoder_context_s
         self.model_ref = model
-        self.device = device
+        self.device, self.device_index = parse_device(device, device_index)
         self.compute_type = compute_type
         self.beam_size = beam_size
         self.language = language
@@ -75,8 +93,11 @@ class FasterWhisperAsr:
         self.batch_size = batch_size
         self.vad_filter = vad_filter
         self.initial_prompt = initial_prompt
+        self.batched = batched  # None: batch through BatchedInferencePipeline on CUDA only
+        self.warmup = warmup  # None: on CUDA only
         self._model: Any = None
         self._pipeline: Any = None
+        self._on_cuda = False
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -89,21 +110,69 @@ class FasterWhisperAsr:
                 raise ModelMissing(
                     f"the faster-whisper ASR engine needs the package {exc.name!r}: pip install 'voxbus[cpu]'"
                 ) from exc
-            path = resolve(self.model_ref)
-            print(f"loading ASR model {self.model_ref} ({path}) on {self.device}/{self.compute_type} ...", file=sys.stderr)
+            indices = self.device_index if isinstance(self.device_index, list) else [self.device_index]
+            if self.device == "cuda":
+                check_visible(indices)
+            path = self._local_path(resolve(self.model_ref))
+            print(f"loading ASR model {self.model_ref} ({path}) on {self.device}:{self.device_index}/{self.compute_type} ...",
+                  file=sys.stderr)
             started = time.perf_counter()
             try:
                 cls = _short_context_class(WhisperModel) if self.encoder_context_s else WhisperModel
-                self._model = cls(
-                    path, device=self.device, compute_type=self.compute_type, cpu_threads=self.cpu_threads
-                )
+                model = cls(path, device=self.device, device_index=self.device_index,
+                            compute_type=self.compute_type, cpu_threads=self.cpu_threads)
             except Exception as exc:  # ctranslate2 / huggingface_hub raise many types for a bad model
                 where = f"directory {path}" if Path(path).exists() else f"hub model {path!r} (needs internet on first use)"
                 raise ModelMissing(
                     f"cannot load faster-whisper model from {where}: {type(exc).__name__}: {exc}. "
                     f"Pass a CTranslate2 Whisper directory, a hub name, or bundled:whisper-tiny.en"
                 ) from exc
+            self._on_cuda = getattr(model.model, "device", self.device) == "cuda"
+            self._model = model
+            if self.warmup if self.warmup is not None else self._on_cuda:
+                try:
+                    self._warm_up(indices[0])
+                except BaseException:
+                    self._model = self._pipeline = None
+                    raise
             log.info("ASR model %s loaded in %.2f s", self.model_ref, time.perf_counter() - started)
+
+    def _local_path(self, ref: str) -> str:
+        """A hub name as a directory of the local cache when it is there (no hub call), else downloaded."""
+        if Path(ref).exists():
+            return ref
+        from faster_whisper import download_model
+
+        try:
+            return str(download_model(ref, local_files_only=True))
+        except Exception as exc:
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                raise ModelMissing(
+                    f"faster-whisper model {ref!r} is not in the local cache (HF_HOME) and HF_HUB_OFFLINE is set: "
+                    "bake it into the image or mount it, or pass a directory") from exc
+        try:
+            return str(download_model(ref))
+        except Exception as exc:
+            raise ModelMissing(f"cannot download faster-whisper model {ref!r}: {type(exc).__name__}: {exc}") from exc
+
+    def _warm_up(self, index: int) -> None:
+        """One short transcription (a batched one too when the engine batches): CUDA kernels missing
+        for this GPU fail here, at load, instead of at the first caller's utterance."""
+        silence = np.zeros(int(_WARMUP_S * SAMPLE_RATE), dtype=np.float32)
+        try:
+            segments, _ = self._model.transcribe(silence, **self._options(self.language or "en"))
+            list(segments)
+            if self._batches(2):
+                self._run_pipeline([silence, silence], self.language or "en")
+        except Exception as exc:
+            if not self._on_cuda:
+                raise
+            raise unsupported(index, exc) from exc
+
+    def _batches(self, utterances: int) -> bool:
+        if utterances < 2:
+            return False
+        return self.batched if self.batched is not None else self._on_cuda
 
     def transcribe(self, audio: np.ndarray, language: str | None = None) -> AsrResult:
         samples = _as_float32(audio)
@@ -111,56 +180,88 @@ class FasterWhisperAsr:
         if len(samples) == 0:
             return AsrResult("", language or self.language, 0.0)
         self._ensure_loaded()
-        if self.encoder_context_s:
-            seconds = max(self.encoder_context_s, duration + _CONTEXT_MARGIN_S)
-            _context.frames = min(_FULL_CONTEXT, int(seconds * _FRAMES_PER_S))
-        try:
+        with self._encoder_window(duration):
             segments, info = self._model.transcribe(samples, **self._options(language))
             text = "".join(segment.text for segment in segments).strip()
-        finally:
-            _context.frames = None
         return AsrResult(text, info.language, duration)
 
-    def transcribe_batch(self, audios: list[np.ndarray], language: str | None = None) -> list[AsrResult]:
-        if self.device.startswith("cuda") and len(audios) > 1:
-            return self._transcribe_batched(audios, language)
-        return [self.transcribe(audio, language) for audio in audios]
+    def transcribe_batch(
+        self, audios: list[np.ndarray], language: str | None = None, *, languages: Sequence[str | None] | None = None
+    ) -> list[AsrResult]:
+        """`languages`: one per utterance (a batch mixes sessions); else `language` for all of them."""
+        if languages is not None and len(languages) != len(audios):
+            raise ValueError(f"{len(languages)} languages for {len(audios)} utterances")
+        langs = list(languages) if languages is not None else [language] * len(audios)
+        self._ensure_loaded()
+        if self._batches(len(audios)):
+            return self._transcribe_batched(audios, langs)
+        return [self.transcribe(audio, lang) for audio, lang in zip(audios, langs)]
 
-    def _transcribe_batched(self, audios: list[np.ndarray], language: str | None) -> list[AsrResult]:
-        """Concatenate the utterances and hand each one to the pipeline as its own clip."""
+    def _transcribe_batched(self, audios: list[np.ndarray], languages: Sequence[str | None] | str | None) -> list[AsrResult]:
+        """Utterances grouped by language; each group is one pipeline call over its concatenated clips."""
         self._ensure_loaded()
         samples = [_as_float32(a) for a in audios]
+        langs = list(languages) if isinstance(languages, Sequence) and not isinstance(languages, str) \
+            else [languages] * len(samples)
         results: list[AsrResult | None] = [None] * len(samples)
-        offsets: list[tuple[int, float]] = []  # (utterance index, offset s) of each batched clip
-        clips: list[dict[str, float]] = []
-        pieces: list[np.ndarray] = []
-        position = 0
+        groups: dict[str | None, list[int]] = {}
         for i, clip in enumerate(samples):
             seconds = len(clip) / SAMPLE_RATE
             if seconds == 0 or seconds > _MAX_BATCH_CLIP_S:
-                results[i] = self.transcribe(clip, language)
+                results[i] = self.transcribe(clip, langs[i])
+            else:
+                groups.setdefault(langs[i] or self.language, []).append(i)
+        for lang, members in groups.items():
+            if len(members) == 1:  # alone, the language (if any) is detected for this utterance
+                results[members[0]] = self.transcribe(samples[members[0]], lang)
                 continue
-            start = position / SAMPLE_RATE
-            offsets.append((i, start))
-            clips.append({"start": start, "end": start + seconds})
-            pieces.append(clip)
-            position += len(clip)
-        if clips:
-            if self._pipeline is None:
-                from faster_whisper import BatchedInferencePipeline
+            texts = self._run_pipeline([samples[i] for i in members], lang)
+            for i, text in zip(members, texts):
+                # Without a language each utterance's own was detected, inside the pipeline, unreported.
+                results[i] = AsrResult(text, lang or self._only_language(), len(samples[i]) / SAMPLE_RATE)
+        return [r if r is not None else AsrResult("", langs[i]) for i, r in enumerate(results)]
 
-                self._pipeline = BatchedInferencePipeline(self._model)
-            segments, info = self._pipeline.transcribe(
-                np.concatenate(pieces), clip_timestamps=clips, batch_size=self.batch_size, **self._options(language)
-            )
-            texts: dict[int, list[str]] = {i: [] for i, _ in offsets}
+    def _run_pipeline(self, clips: list[np.ndarray], language: str | None) -> list[str]:
+        """One BatchedInferencePipeline call; `language` None detects each clip's language on its own."""
+        if self._pipeline is None:
+            from faster_whisper import BatchedInferencePipeline
+
+            self._pipeline = BatchedInferencePipeline(self._model)
+        offsets: list[float] = []
+        stamps: list[dict[str, float]] = []
+        position = 0.0
+        for clip in clips:
+            seconds = len(clip) / SAMPLE_RATE
+            offsets.append(position)
+            stamps.append({"start": position, "end": position + seconds})
+            position += seconds
+        multilingual = language is None and self._only_language() is None
+        texts: list[list[str]] = [[] for _ in clips]
+        with self._encoder_window(max(len(c) for c in clips) / SAMPLE_RATE):
+            segments, _ = self._pipeline.transcribe(
+                np.concatenate(clips), clip_timestamps=stamps, batch_size=self.batch_size,
+                multilingual=multilingual, **self._options(language))
             for segment in segments:
                 # A clip's segments start at or after its offset (timestamps rounded to 1 ms).
-                owner = max((o for o in offsets if o[1] <= segment.start + 0.0006), key=lambda o: o[1], default=offsets[0])
-                texts[owner[0]].append(segment.text)
-            for i, _ in offsets:
-                results[i] = AsrResult("".join(texts[i]).strip(), info.language, len(samples[i]) / SAMPLE_RATE)
-        return [r if r is not None else AsrResult("", language) for r in results]
+                owner = max((k for k, o in enumerate(offsets) if o <= segment.start + 0.0006), default=0)
+                texts[owner].append(segment.text)
+        return ["".join(t).strip() for t in texts]
+
+    def _only_language(self) -> str | None:
+        """"en" for English-only models (tiny.en, distil-large-v3), None for multilingual ones."""
+        model = getattr(self._model, "model", None)
+        return None if getattr(model, "is_multilingual", True) else "en"
+
+    @contextlib.contextmanager
+    def _encoder_window(self, longest_s: float) -> Iterator[None]:
+        """Shorten the encoder's window for the transcription run inside (segments are decoded lazily)."""
+        if self.encoder_context_s:
+            seconds = max(self.encoder_context_s, longest_s + _CONTEXT_MARGIN_S)
+            _context.frames = min(_FULL_CONTEXT, int(seconds * _FRAMES_PER_S))
+        try:
+            yield
+        finally:
+            _context.frames = None
 
     def _options(self, language: str | None) -> dict[str, Any]:
         return {

@@ -31,4 +31,5 @@ class EotEngine(Protocol):
 
 
 def create(name: str, options: dict[str, Any]) -> EotEngine:
-    return load_engine(ENGINES, "eot", name, options)
+    engine: EotEngine = load_engine(ENGINES, "eot", name, options)
+    return engine

@@ -77,4 +77,5 @@ def log_mel(batch: np.ndarray) -> np.ndarray:
     mel = np.matmul(mel_filters(), power.transpose(0, 2, 1))  # (n, 80, 800)
     log_spec = np.log10(np.maximum(mel, 1e-10))
     floor = log_spec.max(axis=(1, 2), keepdims=True) - 8.0
-    return ((np.maximum(log_spec, floor) + 4.0) / 4.0).astype(np.float32)
+    features: np.ndarray = ((np.maximum(log_spec, floor) + 4.0) / 4.0).astype(np.float32)
+    return features

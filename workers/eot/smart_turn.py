@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from shared.models import ModelMissing, resolve
-
 from workers.eot.features import fit_window, log_mel
 
 log = logging.getLogger("voxbus.eot.smart_turn")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from shared.cancel import CancelWatch
@@ -18,14 +18,18 @@ ENGINES: dict[str, str] = {
 
 
 class LlmEngine(Protocol):
-    """Streams a reply token by token; stops within one decode step once `watch` is set."""
+    """Streams a reply token by token; stops within one decode step once `watch` is set.
+
+    Optional class attributes say how a job re-run after a dead worker may go on (workers/stages/llm.py):
+    `supports_prefix = True`: `stream(..., prefix=TEXT)` continues a reply after TEXT, already spoken;
+    `deterministic = True`: a re-run decodes exactly the same tokens."""
 
     async def load(self) -> None:
         """Load weights or open the client (heavy work off the event loop)."""
 
     def stream(
         self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Yield text deltas as they decode. Closing the iterator, or the watch firing,
         aborts the generation (vLLM abort, closing the HTTP stream, breaking the token loop)."""
 
@@ -34,4 +38,5 @@ class LlmEngine(Protocol):
 
 
 def create(name: str, options: dict[str, Any]) -> LlmEngine:
-    return load_engine(ENGINES, "llm", name, options)
+    engine: LlmEngine = load_engine(ENGINES, "llm", name, options)
+    return engine

@@ -53,6 +53,14 @@ class SpokenReply:
         self._scan = hold
         return self._take(hold), False
 
+    def resume(self, spoken: str, tokens: int) -> bool:
+        """Pick up after `spoken`, which an earlier run of the job already passed on (in `tokens`
+        deltas); True when that reply had already used its budget (nothing more to say)."""
+        _, stop = self.push(spoken)
+        self.tokens = max(tokens, 1)
+        self._published = len(self.text)
+        return stop
+
     def finish(self) -> str:
         """The end of the stream: whatever was held back."""
         return self._take(len(self.text))

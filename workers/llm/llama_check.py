@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any, cast
 
 
 def main() -> int:
@@ -22,12 +23,12 @@ def main() -> int:
     variant = load_cpu_backend()
 
     llm = llama_cpp.Llama(model_path=resolve("bundled:smollm2-135m-instruct"), n_ctx=512, n_batch=32, seed=0, verbose=False)
-    prompt = [{"role": "system", "content": "You are a helpful voice assistant. Answer in one short sentence."},
+    prompt: list[Any] = [{"role": "system", "content": "You are a helpful voice assistant. Answer in one short sentence."},
               {"role": "user", "content": "What is the capital of France, and which river runs through it?"}]
     t0 = time.perf_counter()
     out = llm.create_chat_completion(prompt, max_tokens=16, temperature=0.0, seed=0)
     elapsed = (time.perf_counter() - t0) * 1000
-    usage = out["usage"]
+    usage = cast(dict[str, Any], out)["usage"]
     if usage["completion_tokens"] < 2:
         print(f"generated only {usage['completion_tokens']} token(s)", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +62,8 @@ class GenerationStats:
 
 
 class LlamaCppLlm:
+    deterministic = True  # a re-run decodes the same tokens (see above): re-running a job is safe
+
     def __init__(
         self,
         model: str = "bundled:smollm2-135m-instruct",
@@ -148,12 +150,12 @@ class LlamaCppLlm:
 
     def stream(
         self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         return self._stream(to_chat(messages, self.system_prompt), request_id, max_tokens, watch)
 
     async def _stream(
         self, chat: list[ChatDict], request_id: str, max_tokens: int, watch: CancelWatch | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         if self._executor is None:
             raise RuntimeError("LlamaCppLlm.load() was not awaited")
         loop = asyncio.get_running_loop()
@@ -258,7 +260,7 @@ def _aligned_llama_class() -> type:
     """`Llama` whose prompt evaluation is laid out in batches aligned to multiples of n_batch."""
     from llama_cpp import Llama
 
-    class AlignedLlama(Llama):  # type: ignore[misc]
+    class AlignedLlama(Llama):
         def generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
             if kwargs.get("reset", True) and self.n_tokens > 0:
                 n = min(self.n_tokens, len(tokens) - 1)  # at least one prompt token is evaluated

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 import httpx
@@ -111,7 +111,7 @@ class OpenAiLlm:
 
     def stream(
         self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": to_chat(messages, self.system_prompt),
@@ -123,7 +123,7 @@ class OpenAiLlm:
         }
         return self._stream(body, request_id, watch)
 
-    async def _stream(self, body: dict[str, Any], request_id: str, watch: CancelWatch | None) -> AsyncIterator[str]:
+    async def _stream(self, body: dict[str, Any], request_id: str, watch: CancelWatch | None) -> AsyncGenerator[str, None]:
         if self._client is None:
             raise RuntimeError("OpenAiLlm.load() was not awaited")
         stream = DeltaStream(watch)

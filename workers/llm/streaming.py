@@ -9,26 +9,26 @@ during a silent stretch (prefill, queueing, a long step) is acted on at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from shared.cancel import CancelWatch
 
 END = object()
-Outcome = Literal["completed", "cancelled", "error", "closed"]
+StreamEnd = Literal["completed", "cancelled", "error", "closed"]
 
 
 class DeltaStream:
     def __init__(self, watch: CancelWatch | None) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.watch = watch
-        self.outcome: Outcome = "closed"  # until the consumer saw the end, a cancel or an error
+        self.outcome: StreamEnd = "closed"  # until the consumer saw the end, a cancel or an error
 
     def put(self, item: Any) -> None:
         """A text delta, an exception or END (event-loop thread only)."""
         self.queue.put_nowait(item)
 
-    async def items(self) -> AsyncIterator[str]:
+    async def items(self) -> AsyncGenerator[str, None]:
         waiter = asyncio.ensure_future(self.watch.wait()) if self.watch is not None else None
         if waiter is not None:
             waiter.add_done_callback(lambda _: self.queue.put_nowait(END))

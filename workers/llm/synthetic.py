@@ -7,13 +7,15 @@ known exactly; it checks the cancel watch between steps like the real engines.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from shared.cancel import CancelWatch
 from shared.protocol import ChatMessage
 
 
 class SyntheticLlm:
+    deterministic = True
+
     def __init__(self, step_ms: float = 20.0, tokens: int = 40, reply: str | None = None, fail_with: str | None = None) -> None:
         self.step_s = step_ms / 1000
         self.tokens = tokens
@@ -28,7 +30,7 @@ class SyntheticLlm:
 
     async def stream(
         self, messages: list[ChatMessage], *, request_id: str, max_tokens: int, watch: CancelWatch | None
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         if self.fail_with:
             raise RuntimeError(self.fail_with)
         last_user = next((m.text for m in reversed(messages) if m.role == "user"), "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Outcome, StageContext, StageHandler
+from .base import StageContext, StageHandler
 
 HANDLERS: dict[str, str] = {
     "asr": "workers.stages.asr:AsrStage",
@@ -20,7 +20,7 @@ HANDLERS: dict[str, str] = {
     "eot": "workers.stages.eot:EotStage",
 }
 
-__all__ = ["HANDLERS", "Outcome", "StageContext", "StageHandler", "create_handler"]
+__all__ = ["HANDLERS", "StageContext", "StageHandler", "create_handler"]
 
 
 def create_handler(ctx: StageContext, engine: Any | None = None) -> StageHandler:

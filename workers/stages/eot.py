@@ -17,6 +17,7 @@ from shared.cancel import CancelWatch
 from shared.protocol import EotDecision, EotJob, Keys
 from workers import eot as eot_engines
 from workers.stages.base import StageContext, StageHandler
+from workers.stages.batching import Batcher
 from workers.stages.frames import read_frames
 
 
@@ -24,44 +25,23 @@ class EotStage(StageHandler):
     def __init__(self, ctx: StageContext, engine: eot_engines.EotEngine | None = None) -> None:
         super().__init__(ctx)
         self.engine = engine or eot_engines.create(ctx.pool.engine, dict(ctx.pool.options))
-        self._batch: list[tuple[np.ndarray, asyncio.Future[float]]] = []
-        self._batch_task: asyncio.Task[None] | None = None
+        self._batcher: Batcher[np.ndarray, float] = Batcher(self._predict_batch)
 
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
 
     async def aclose(self) -> None:
-        if self._batch_task:
-            await asyncio.gather(self._batch_task, return_exceptions=True)
+        await self._batcher.aclose()
 
-    async def _predict(self, audio: np.ndarray) -> float:
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._batch.append((audio, fut))
-        if self._batch_task is None or self._batch_task.done():
-            self._batch_task = asyncio.create_task(self._run_batches())
-        return await fut
-
-    async def _run_batches(self) -> None:
-        await asyncio.sleep(0)  # let jobs that started in the same tick join the batch
-        while self._batch:
-            batch, self._batch = self._batch, []
-            try:
-                probs = await asyncio.to_thread(self.engine.predict, [a for a, _ in batch])
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), prob in zip(batch, np.asarray(probs, dtype=np.float64).reshape(-1).tolist()):
-                if not fut.done():
-                    fut.set_result(float(prob))
+    def _predict_batch(self, audios: list[np.ndarray]) -> list[float]:
+        return [float(p) for p in np.asarray(self.engine.predict(audios), dtype=np.float64).reshape(-1)]
 
     async def run(self, job: EotJob, watch: CancelWatch) -> None:
         t0 = time.perf_counter()
         audio = await read_frames(self.ctx.redis, job.session, job.start_seq, job.end_seq, turn=job.turn)
         if audio.size == 0:
             raise ValueError(f"no audio for frames {job.start_seq}..{job.end_seq} of session {job.session}")
-        prob = await self._predict(audio)
+        prob = await self._batcher.submit(audio)
         cost_ms = (time.perf_counter() - t0) * 1000
         if watch.cancelled:
             return

@@ -16,17 +16,20 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from shared.bus.entries import count_rejected
+from shared.caller_audio import to_pcm
 from shared.logs import RateLimitedLog
+from shared.opus import PREROLL
 from shared.protocol import (
-    FRAME_BYTES,
     AudioFrame,
     Keys,
+    OpusFrame,
     ProtocolError,
     RejectReason,
     decode_entry,
     frame_entry_id,
     frame_seq,
 )
+from shared.redis_conn import xrange
 
 log = logging.getLogger("voxbus.stage.frames")
 _limited = RateLimitedLog(log)
@@ -39,11 +42,10 @@ async def read_frames(redis: aioredis.Redis, session: str, start_seq: int, end_s
     if not 0 <= start_seq <= end_seq or end_seq - start_seq + 1 > MAX_RANGE_FRAMES:
         raise ValueError(f"frame range {start_seq}..{end_seq} of session {session} is empty, negative or over "
                          f"{MAX_RANGE_FRAMES} frames")
-    entries = await redis.xrange(Keys.audio_in(session), frame_entry_id(start_seq), frame_entry_id(end_seq))
-    expected = end_seq - start_seq + 1
-    pcm = bytearray()
-    got = 0
-    next_seq = start_seq
+    # A few frames before the range too: an Opus decoder starting mid-call settles on them.
+    read_from = max(0, start_seq - PREROLL)
+    entries = await xrange(redis, Keys.audio_in(session), frame_entry_id(read_from), frame_entry_id(end_seq))
+    frames: list[AudioFrame | OpusFrame] = []
     for entry_id, fields in entries:
         try:
             frame = decode_entry(fields)
@@ -51,22 +53,21 @@ async def read_frames(redis: aioredis.Redis, session: str, start_seq: int, end_s
             count_rejected("audio.in", exc.reason)
             _limited.warning("frame", "skipping a malformed frame in %s: %s", session, exc)
             continue
-        if not isinstance(frame, AudioFrame):
+        if not isinstance(frame, AudioFrame | OpusFrame):
             count_rejected("audio.in", RejectReason.WRONG_TYPE)
             continue
         if frame.session != session:
             count_rejected("audio.in", RejectReason.WRONG_SESSION)
             continue
         seq = frame_seq(entry_id)
-        if frame.seq != seq or not start_seq <= seq <= end_seq or seq < next_seq:
+        if frame.seq != seq or not read_from <= seq <= end_seq or (frames and seq <= frames[-1].seq):
             # The id is what XRANGE selected on; a frame claiming another seq was not written by a bridge.
             count_rejected("audio.in", RejectReason.WRONG_SEQ)
             continue
-        if seq > next_seq:  # a gap: keep timing with silence (bounded by the range, checked above)
-            pcm += bytes(FRAME_BYTES * (seq - next_seq))
-        pcm += frame.pcm
-        next_seq = seq + 1
-        got += 1
-    if got < expected:
-        log.warning("session %s turn %d: %d of %d frames present", session, turn, got, expected)
-    return np.frombuffer(bytes(pcm), dtype=np.int16).astype(np.float32) / 32768.0
+        frames.append(frame)
+    got = sum(1 for f in frames if f.seq >= start_seq)
+    if got < end_seq - start_seq + 1:
+        log.warning("session %s turn %d: %d of %d frames present", session, turn, got, end_seq - start_seq + 1)
+    # Missing frames become silence inside the range: timing holds, never longer than the range.
+    pcm = to_pcm(frames, start_seq, end_seq)
+    return pcm.astype(np.float32) / 32768.0

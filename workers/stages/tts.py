@@ -1,9 +1,11 @@
-"""TTS stage: follow the turn's token stream and speak clause by clause.
+"""TTS stage: follow the turn's token stream and speak it piece by piece.
 
-Speech starts at the first clause boundary, not at the end of the reply.
-Audio goes to the session's audio.out stream in chunks of at most
-`CHUNK_MS` with explicit (turn, seq) ids; a cancel stops synthesis between
-chunks.
+Speech starts after the reply's first few words (the pool's `chunks`
+settings, workers/tts/clauses.py), then goes on clause by clause. Each
+piece's audio is shaped so that consecutive pieces join without a gap or a
+click (workers/tts/seams.py); both engines go through here. Audio goes to the
+session's audio.out stream in chunks of at most `CHUNK_MS` with explicit
+(turn, seq) ids; a cancel stops synthesis between chunks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from shared import metrics
 from shared.bus.entries import count_rejected
 from shared.cancel import CancelWatch
 from shared.protocol import (
-    AudioOut,
     Keys,
     ProtocolError,
     RejectReason,
@@ -29,9 +30,12 @@ from shared.protocol import (
     output_entry_id,
     turn_start_exclusive,
 )
+from shared.redis_conn import StreamEntry, xread
 from workers import tts as tts_engines
 from workers.stages.base import StageContext, StageHandler
+from workers.tts.audio_out import AgentAudioWriter
 from workers.tts.clauses import ClauseBuffer
+from workers.tts.seams import PieceShaper
 
 log = logging.getLogger("voxbus.stage.tts")
 
@@ -52,11 +56,11 @@ class TtsStage(StageHandler):
     async def tokens(self, job: TtsJob, watch: CancelWatch) -> AsyncIterator[str]:
         """The turn's token texts as they arrive, until the final chunk (or cancel)."""
         key = Keys.tokens(job.session)
-        last = turn_start_exclusive(job.turn)
+        last: bytes | str = turn_start_exclusive(job.turn)
         waited = 0.0
         expect = 0
         while not watch.cancelled:
-            reply = await self.ctx.redis.xread({key: last}, count=256, block=_POLL_MS)
+            reply = await xread(self.ctx.redis, {key: last}, count=256, block_ms=_POLL_MS)
             if not reply:
                 waited += _POLL_MS / 1000
                 if waited > TOKEN_WAIT_S:
@@ -91,7 +95,8 @@ class TtsStage(StageHandler):
                     return
 
     async def clauses(self, job: TtsJob, watch: CancelWatch) -> AsyncIterator[str]:
-        buf = ClauseBuffer()
+        c = self.ctx.pool.chunks
+        buf = ClauseBuffer(c.first_words, c.min_words)
         if job.text is not None:
             for clause in buf.push(job.text):
                 yield clause
@@ -109,27 +114,43 @@ class TtsStage(StageHandler):
         pub = self.ctx.publisher
         rate = self.engine.sample_rate
         max_samples = rate * CHUNK_MS // 1000
+        c = self.ctx.pool.chunks
+        shaper = PieceShaper(rate, edge_ms=c.edge_ms, fade_ms=c.fade_ms, clause_pause_ms=c.clause_pause_ms,
+                             sentence_pause_ms=c.sentence_pause_ms)
         seq = 0
+        label = ""
+        clause_at = t0
+
+        out = AgentAudioWriter(job, rate, opus=self.ctx.pool.audio_codec == "opus")
+
+        def send(pcm: np.ndarray) -> None:
+            nonlocal seq, label
+            for start in range(0, len(pcm), max_samples):
+                if watch.cancelled:
+                    return
+                if seq == 0:  # synthesis time of the first clause, and how long the clause took to arrive
+                    self.ctx.mark(job, "first_audio", (time.perf_counter() - clause_at) * 1000)
+                    self.ctx.mark(job, "first_clause", (clause_at - t0) * 1000)
+                msg = out.chunk(seq, pcm[start:start + max_samples], label)
+                if msg is None:
+                    continue  # under one Opus packet so far: it goes out with the next samples
+                pub.publish_nowait(key, msg, entry_id=output_entry_id(job.turn, seq))
+                label = ""
+                seq += 1
+
+        previous: str | None = None
         async for clause in self.clauses(job, watch):
             clause_at = time.perf_counter()
-            gen: Iterator[np.ndarray] = self.engine.synthesize(clause, job.voice)
             label = clause
+            send(shaper.begin(previous))  # the pause the text calls for, queued while this piece is synthesized
+            previous = clause
+            gen: Iterator[np.ndarray] = self.engine.synthesize(clause, job.voice)
             while not watch.cancelled:
                 audio = await asyncio.to_thread(next, gen, _END)
                 if audio is _END:
+                    send(shaper.end())
                     break
-                pcm = np.asarray(audio, dtype=np.int16)
-                for start in range(0, len(pcm), max_samples):
-                    if watch.cancelled:
-                        break
-                    if seq == 0:  # synthesis time of the first clause, and how long the clause took to arrive
-                        self.ctx.mark(job, "first_audio", (time.perf_counter() - clause_at) * 1000)
-                        self.ctx.mark(job, "first_clause", (clause_at - t0) * 1000)
-                    pub.publish_nowait(key, AudioOut(
-                        session=job.session, turn=job.turn, seq=seq, rate=rate,
-                        pcm=pcm[start:start + max_samples].tobytes(), text=label), entry_id=output_entry_id(job.turn, seq))
-                    label = ""
-                    seq += 1
+                send(shaper.push(np.asarray(audio, dtype=np.int16)))
             close = getattr(gen, "close", None)
             if close is not None:
                 close()
@@ -137,11 +158,10 @@ class TtsStage(StageHandler):
                 break
         if watch.cancelled:
             return
-        pub.publish_nowait(key, AudioOut(session=job.session, turn=job.turn, seq=seq, rate=rate, pcm=b"", final=True),
-                           entry_id=output_entry_id(job.turn, seq))
+        pub.publish_nowait(key, out.final(seq, label), entry_id=output_entry_id(job.turn, seq))
 
 
-def _first_token_ts(entries: list) -> float | None:
+def _first_token_ts(entries: list[StreamEntry]) -> float | None:
     for _, fields in entries:
         try:
             chunk = decode_entry(fields)

@@ -29,4 +29,5 @@ class TtsEngine(Protocol):
 
 
 def create(name: str, options: dict[str, Any]) -> TtsEngine:
-    return load_engine(ENGINES, "tts", name, options)
+    engine: TtsEngine = load_engine(ENGINES, "tts", name, options)
+    return engine

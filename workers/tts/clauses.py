@@ -1,11 +1,17 @@
 """Cuts a streamed LLM reply into pieces a TTS engine can speak as they complete.
 
-Time to first audio is what the caller hears, so the first piece is released
-at the first clause boundary (, ; : . ! ? a dash or a newline) as soon as it
-holds a few words; later pieces wait for a sentence end (better prosody) or
-for `max_chars`. A boundary is only taken once the next character shows it is
-one: "3.14", "1,000", "e.g." and "Mr." never split. Markdown marks the TTS
-would read aloud (* # `) are dropped as they stream in.
+Time to first audio is what the caller hears, so the first piece goes out
+after `first_words` complete words, or at the first clause boundary
+(, ; : . ! ? a dash or a newline) if that comes sooner. Later pieces end at a
+clause boundary once they hold `min_words` words, or at any sentence end:
+short enough that synthesis keeps ahead of playback, long enough for natural
+prosody. A boundary is only taken once the next character shows it is one:
+"3.14", "1,000", "e.g." and "Mr." never split. A first piece cut between
+words never ends on an abbreviation ("Mr. | Smith"), a number ("$5 | million"
+reads differently) or, within two words more, an article, preposition or
+conjunction ("the capital of | France"). `pause_after` says which pause a
+piece's text calls for after it (workers/tts/seams.py puts it in the audio).
+Markdown marks the TTS would read aloud (* # `) are dropped as they stream in.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ ABBREVIATIONS = frozenset(
 )
 
 Kind = Literal["clause", "sentence", "pending"]
+Pause = Literal["clause", "sentence"]
+# Words a first piece cut between words should not end on: spoken last, they get a phrase-final stress.
+_FUNCTION_WORDS = frozenset(
+    "a an the of to in on at by for from with as into about and or but nor so than that this these those "
+    "my your our their its his her is are was were".split()
+)
+_FUNCTION_SLACK = 2  # words past first_words a cut may wait to avoid ending on one of them
 
 
 def tidy(text: str) -> str:
@@ -42,13 +55,35 @@ def tidy(text: str) -> str:
     return text if any(c.isalnum() for c in text) else ""
 
 
+def count_words(text: str) -> int:
+    return sum(1 for token in text.split() if any(c.isalnum() for c in token))
+
+
+def pause_after(piece: str) -> Pause | None:
+    """The pause a piece's last mark calls for: "clause" after , ; : "sentence" after . ! ? (an ellipsis
+    too); None after a word (a cut between words, a dash or a line end, which `tidy` leaves unmarked)."""
+    text = piece.rstrip().rstrip(_CLOSERS)
+    if not text:
+        return None
+    if text[-1] in _CLAUSE_MARKS:
+        return "clause"
+    return "sentence" if text[-1] in _SENTENCE_MARKS else None
+
+
 class ClauseBuffer:
-    def __init__(self, min_chars: int = 12, max_chars: int = 240, first_at_clause: bool = True) -> None:
-        """`min_chars`: the first piece holds at least this many characters; `max_chars`: a piece
-        with no boundary is cut (at a comma or a space) once this long; `first_at_clause`: False
-        cuts at sentence ends only (whole-text synthesis)."""
+    def __init__(self, first_words: int = 4, min_words: int = 3, *, min_chars: int = 12, max_chars: int = 240,
+                 first_at_clause: bool = True) -> None:
+        """`first_words`: the first piece ends after this many words, or at its first clause boundary
+        (0: at the first boundary once it holds `min_chars` characters); `min_words`: a later piece ends
+        at a clause boundary once it holds this many words, else at a sentence end (0: at sentence ends
+        only); `max_chars`: a piece with no boundary is cut (at a comma or a space) once this long;
+        `first_at_clause`: False cuts at sentence ends only (whole-text synthesis)."""
         if max_chars <= min_chars:
             raise ValueError("max_chars must exceed min_chars")
+        if first_words < 0 or min_words < 0:
+            raise ValueError("first_words and min_words must be >= 0")
+        self.first_words = first_words
+        self.min_words = min_words
         self.min_chars = min_chars
         self.max_chars = max_chars
         self.first_at_clause = first_at_clause
@@ -75,29 +110,59 @@ class ClauseBuffer:
     def _find_cut(self) -> int | None:
         buf = self._buf
         first = self._released == 0
-        any_boundary = first and self.first_at_clause
+        by_words = first and self.first_at_clause and self.first_words > 0
+        words = 0
         soft_cut = 0  # last clause boundary, for a piece grown to max_chars
         i = 0
         while i < len(buf):
             kind, end = boundary_at(buf, i)
             if kind == "pending":
                 break
-            if kind is None:
-                i += 1
-                continue
-            if kind == "sentence" or any_boundary:
-                size = len(tidy(buf[:end]))
-                if size >= (self.min_chars if first else 1) or not size:
+            if kind is not None:
+                if self._ends_piece(kind, buf[:end], first):
                     return end
-            if end <= self.max_chars:
-                soft_cut = end
-            i = end
+                if end <= self.max_chars:
+                    soft_cut = end
+                i = end  # buf[end] is the whitespace after the mark: the word count below still sees it
+                continue
+            if by_words and buf[i].isspace() and i > 0 and not buf[i - 1].isspace():
+                start = i
+                while start > 0 and not buf[start - 1].isspace():
+                    start -= 1
+                token = buf[start:i]
+                if count_words(token):
+                    words += 1
+                    if words >= self.first_words and _can_cut_after(token, words - self.first_words):
+                        return i
+            i += 1
         if len(buf) < self.max_chars:
             return None
         if soft_cut:
             return soft_cut
         space = buf.rfind(" ", 0, self.max_chars)
         return space if space > 0 else self.max_chars
+
+    def _ends_piece(self, kind: Kind, text: str, first: bool) -> bool:
+        spoken = tidy(text)
+        if not spoken:
+            return True  # nothing speakable: dropped
+        if first:
+            if not self.first_at_clause:
+                return kind == "sentence" and len(spoken) >= self.min_chars
+            return self.first_words > 0 or len(spoken) >= self.min_chars
+        if kind == "sentence":
+            return True
+        return self.first_at_clause and self.min_words > 0 and count_words(spoken) >= self.min_words
+
+
+def _can_cut_after(token: str, extra_words: int) -> bool:
+    """Whether a first piece may end after `token`, `extra_words` words past `first_words`."""
+    word = token.strip(_CLOSERS + _OPENERS)
+    if word.endswith("."):
+        return False  # "Mr.", "e.g.", "J.": a real sentence end was taken as a boundary already
+    if extra_words >= _FUNCTION_SLACK:
+        return True
+    return not any(c.isdigit() for c in word) and word.lower() not in _FUNCTION_WORDS
 
 
 def boundary_at(buf: str, i: int) -> tuple[Kind | None, int]:
@@ -150,7 +215,7 @@ def _period_is_not_an_end(buf: str, i: int) -> bool:
 
 def split_sentences(text: str, max_chars: int = 300) -> list[str]:
     """Whole text to sentence-sized pieces (for engines that synthesize a piece per call)."""
-    buf = ClauseBuffer(min_chars=1, max_chars=max_chars, first_at_clause=False)
+    buf = ClauseBuffer(0, 0, min_chars=1, max_chars=max_chars, first_at_clause=False)
     pieces = buf.push(text)
     rest = buf.flush()
     return pieces + ([rest] if rest else [])

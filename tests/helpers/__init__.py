@@ -1,1 +1,0 @@
-"""Helper programs the tests run as separate processes (invoked by path)."""
