@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .opus_native import NativeOpusEncoder
+
 RATE = 16_000
 FRAME_SAMPLES = 320  # 20 ms
 BITRATE = 16_000
@@ -41,29 +43,16 @@ class OpusEncoder:
     """One stream of 20 ms PCM16 frames (16 kHz mono) to one Opus packet each."""
 
     def __init__(self, bitrate: int = BITRATE, complexity: int = COMPLEXITY, *, native: bool = True) -> None:
-        from .opus_native import NativeOpusEncoder
-
         self._native = NativeOpusEncoder(RATE, FRAME_SAMPLES, bitrate, complexity) \
             if native and NativeOpusEncoder.available() else None
-        if self._native is None:
-            self._av = _av()
-            self._ctx = _encoder(RATE, bitrate, "voip", complexity)
-        self._pts = 0
+        self._encoder = self._native or _AvEncoder(RATE, bitrate, "voip", complexity)
 
     def encode(self, pcm: bytes | np.ndarray) -> bytes:
         """One frame (exactly 320 samples) to its packet."""
         samples = np.frombuffer(pcm, dtype=np.int16) if isinstance(pcm, bytes | bytearray) else pcm
         if samples.shape[-1] != FRAME_SAMPLES:
             raise ValueError(f"an Opus frame is {FRAME_SAMPLES} samples, got {samples.shape[-1]}")
-        if self._native is not None:
-            return self._native.encode(samples.reshape(-1))
-        frame = self._av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        self._pts += FRAME_SAMPLES
-        packets = self._ctx.encode(frame)
-        # libopus with 20 ms frames returns exactly one packet per frame, without delay.
-        return b"".join(bytes(p) for p in packets)
+        return self._encoder.encode(samples.reshape(-1))
 
 
 def decode(packets: Iterable[bytes | None], drop: int = 0) -> np.ndarray:
@@ -72,21 +61,12 @@ def decode(packets: Iterable[bytes | None], drop: int = 0) -> np.ndarray:
     missing or corrupt packet decodes as 20 ms of silence. The encoder's look-ahead (6.5 ms) is
     taken off the start, so the last frame's final 6.5 ms are in the packet after it: without that
     packet they are silence (a job's range ends in the caller's silence anyway)."""
-    av = _av()
-    dec = av.CodecContext.create("libopus", "r")
-    dec.sample_rate = _DECODED_RATE
-    dec.layout = "mono"
+    dec = _AvDecoder()
     per_frame = _DECODED_RATE * FRAME_SAMPLES // RATE
     chunks: list[np.ndarray] = []
     for data in packets:
-        out = None
-        if data:
-            try:
-                frames = dec.decode(av.Packet(data))
-                out = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]) if frames else None
-            except (av.error.FFmpegError, ValueError):
-                out = None
-        chunks.append(np.zeros(per_frame, dtype=np.int16) if out is None else _fit(out.astype(np.int16), per_frame))
+        out = dec.packet(data) if data else None
+        chunks.append(np.zeros(per_frame, dtype=np.int16) if out is None else _fit(out, per_frame))
     n = len(chunks) - drop
     if n <= 0:
         return np.zeros(0, dtype=np.int16)
@@ -113,16 +93,46 @@ def _to_16k(pcm48: np.ndarray) -> np.ndarray:
     return _fit(pcm, pcm48.size * RATE // _DECODED_RATE).astype(np.int16)
 
 
-def _encoder(rate: int, bitrate: int, application: str, complexity: int) -> Any:
-    """A libopus encoder of 20 ms mono PCM16 frames at `rate` (every packet decodes on its own)."""
-    ctx = _av().CodecContext.create("libopus", "w")
-    ctx.sample_rate = rate
-    ctx.layout = "mono"
-    ctx.format = "s16"
-    ctx.bit_rate = bitrate
-    ctx.time_base = fractions.Fraction(1, rate)
-    ctx.options = {"application": application, "compression_level": str(complexity), "frame_duration": "20"}
-    return ctx
+class _AvEncoder:
+    """PyAV's libopus encoder of 20 ms mono PCM16 frames at `rate`: one packet per frame, which
+    libopus returns at once (every packet decodes on its own)."""
+
+    def __init__(self, rate: int, bitrate: int, application: str, complexity: int) -> None:
+        self._av = _av()
+        ctx = self._av.CodecContext.create("libopus", "w")
+        ctx.sample_rate = rate
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        ctx.bit_rate = bitrate
+        ctx.time_base = fractions.Fraction(1, rate)
+        ctx.options = {"application": application, "compression_level": str(complexity), "frame_duration": "20"}
+        self._ctx, self._rate, self._pts = ctx, rate, 0
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        frame = self._av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pts
+        self._pts += samples.size
+        return b"".join(bytes(p) for p in self._ctx.encode(frame))
+
+
+class _AvDecoder:
+    """PyAV's libopus decoder of one mono stream, at 48 kHz (what FFmpeg's decoders give)."""
+
+    def __init__(self) -> None:
+        self._av = _av()
+        self._ctx = self._av.CodecContext.create("libopus", "r")
+        self._ctx.sample_rate = _DECODED_RATE
+        self._ctx.layout = "mono"
+
+    def packet(self, data: bytes) -> np.ndarray | None:
+        """One packet's PCM16 (empty while the decoder holds it), None for a corrupt packet."""
+        try:
+            frames = self._ctx.decode(self._av.Packet(data))
+        except (self._av.error.FFmpegError, ValueError):
+            return None
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16) if frames else \
+            np.zeros(0, dtype=np.int16)
 
 
 def _av() -> Any:
@@ -148,12 +158,11 @@ class OpusStreamEncoder:
             raise ValueError(f"agent audio at {rate} Hz: Opus codes up to {OPUS_RATES[-1]} Hz")
         self.input_rate = rate
         self.rate = next(r for r in OPUS_RATES if r >= rate)
-        self._av, self._ctx = _av(), _encoder(self.rate, bitrate, "audio", complexity)
+        self._av, self._encoder = _av(), _AvEncoder(self.rate, bitrate, "audio", complexity)
         self._resampler = (self._av.AudioResampler(format="s16", layout="mono", rate=self.rate)
                            if self.rate != rate else None)
         self.frame = self.rate // 50
         self._rest = np.zeros(0, dtype=np.int16)
-        self._pts = 0
 
     def encode(self, pcm: np.ndarray) -> list[bytes]:
         """Packets for the whole 20 ms frames now available."""
@@ -161,7 +170,7 @@ class OpusStreamEncoder:
         buf = np.concatenate([self._rest, pcm]) if self._rest.size else pcm
         whole = buf.size // self.frame * self.frame
         self._rest = buf[whole:].copy()
-        return [self._encode(buf[i:i + self.frame]) for i in range(0, whole, self.frame)]
+        return [self._encoder.encode(buf[i:i + self.frame]) for i in range(0, whole, self.frame)]
 
     def flush(self) -> list[bytes]:
         """The rest, padded to a whole frame, then what the encoder still holds."""
@@ -169,9 +178,9 @@ class OpusStreamEncoder:
         if self._resampler is not None:
             self._rest = np.concatenate([self._rest, self._resample(None)])
         if self._rest.size:
-            out.append(self._encode(_fit(self._rest, self.frame)))
+            out.append(self._encoder.encode(_fit(self._rest, self.frame)))
             self._rest = np.zeros(0, dtype=np.int16)
-        out.append(self._encode(np.zeros(self.frame, dtype=np.int16)))  # carries the encoder's look-ahead out
+        out.append(self._encoder.encode(np.zeros(self.frame, dtype=np.int16)))  # carries the encoder's look-ahead out
         return out
 
     def _resample(self, pcm: np.ndarray | None) -> np.ndarray:
@@ -186,13 +195,6 @@ class OpusStreamEncoder:
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return np.concatenate(out).astype(np.int16) if out else np.zeros(0, dtype=np.int16)
 
-    def _encode(self, samples: np.ndarray) -> bytes:
-        frame = self._av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.rate
-        frame.pts = self._pts
-        self._pts += self.frame
-        return b"".join(bytes(p) for p in self._ctx.encode(frame))
-
 
 class OpusStreamDecoder:
     """Packets of one stream to 48 kHz PCM16 (what FFmpeg's decoders give), the encoder's
@@ -201,20 +203,13 @@ class OpusStreamDecoder:
     rate = _DECODED_RATE
 
     def __init__(self) -> None:
-        av = _av()
-        self._av = av
-        self._ctx = av.CodecContext.create("libopus", "r")
-        self._ctx.sample_rate = _DECODED_RATE
-        self._ctx.layout = "mono"
+        self._dec = _AvDecoder()
         self._skip = 312  # libopus's look-ahead at 48 kHz
 
     def decode(self, packet: bytes) -> np.ndarray:
-        try:
-            frames = self._ctx.decode(self._av.Packet(packet))
-        except (self._av.error.FFmpegError, ValueError):
+        pcm = self._dec.packet(packet)
+        if pcm is None:
             return np.zeros(_DECODED_RATE // 50, dtype=np.int16)  # a corrupt packet: its 20 ms as silence
-        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16) if frames else \
-            np.zeros(0, dtype=np.int16)
         if self._skip:
             cut = min(self._skip, pcm.size)
             pcm, self._skip = pcm[cut:], self._skip - cut

@@ -82,12 +82,12 @@ class JobExecutor:
             if reason:
                 span.set_attribute("voxbus.error", reason[:200])
             span.end(end_time=tracing.ns(ended))
-        if outcome is JobOutcome.REJECTED:
-            return JobResult(outcome, started, ended, wait_ms)  # an unknown session gets no keys written for it
-        self.publisher.publish_nowait(Keys.events(job.session), JobRun(
-            session=job.session, turn=job.turn, stage=self.pool.stage, pool=self.pool.name, gpu_type=self.pool.gpu_type,
-            worker=self.worker_id, entry_id=d.entry_id, queued=job.ts, started=started, ended=ended, outcome=outcome,
-            deliveries=d.deliveries, reason=reason[:500], trace=job.trace))
+        if outcome is not JobOutcome.REJECTED:  # an unknown session gets no keys written for it
+            self.publisher.publish_nowait(Keys.events(job.session), JobRun(
+                session=job.session, turn=job.turn, stage=self.pool.stage, pool=self.pool.name,
+                gpu_type=self.pool.gpu_type, worker=self.worker_id, entry_id=d.entry_id, queued=job.ts,
+                started=started, ended=ended, outcome=outcome, deliveries=d.deliveries, reason=reason[:500],
+                trace=job.trace))
         return JobResult(outcome, started, ended, wait_ms)
 
     def _attrs(self, job: object) -> dict[str, str | int]:

@@ -55,8 +55,6 @@ WORKER_START_TIMEOUT_S = 300.0
 TURN_TIMEOUT_S = 150.0  # one spoken question to the end of its answer's playout, on 2 busy cores
 
 
-# ----------------------------------------------------------------------------- pools file
-
 # ----------------------------------------------------------------------------- worker processes
 
 @dataclass
@@ -96,8 +94,6 @@ class WorkerProc:
     def counter(self, name: str, **labels: str) -> float:
         """Sum of the samples named `name` (e.g. "voxbus_bus_rejected_total") whose labels include `labels`."""
         return sample_sum(text_string_to_metric_families(self.metrics_text()), name, **labels)
-
-
 
 
 def pool_counter(workers: list[WorkerProc], name: str, **labels: str) -> float:
