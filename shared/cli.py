@@ -10,8 +10,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Any
+
+# Before anything imports numpy: its OpenBLAS starts a thread per core, and after each matrix
+# product those threads spin-wait on the other cores. Measured on 2 cores: a Smart Turn decision
+# (one 80x201 by 201x800 product in its features) cost 100 ms of CPU for 50 ms of wall time, and an
+# ASR running beside it went from 92 to 161 ms. The engines have their own thread pools; numpy's
+# products here are small. OPENBLAS_NUM_THREADS set by the user wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from redis.exceptions import RedisError
 

@@ -72,6 +72,10 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # TTS pools: how the agent's speech is written to audio.out (the recording): "opus" (about 10x
     # smaller than PCM) or "pcm" (as before it).
     audio_codec: Literal["opus", "pcm"] = "opus"
+    # LLM pools: the system prompt the bridges send, run once at load so the engine's prompt cache
+    # holds it before the first caller's turn (a cold one costs that turn ~100 ms of prefill on a
+    # CPU). Default: this file's [bridge] system_prompt; "" turns the warm-up off.
+    warm_prompt: str | None = None
     name: str = ""  # filled from the table key
 
 
@@ -218,6 +222,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     cfg.source = source
     for name, pool in cfg.pools.items():
         _check_pool(cfg, name, pool, f"{source}: pools.{name}")
+        if pool.stage == "llm" and pool.warm_prompt is None:
+            pool.warm_prompt = cfg.bridge.system_prompt
     check_bridge(cfg, source)
     for stage, name in cfg.defaults.items():
         default = cfg.pools.get(name)

@@ -17,7 +17,8 @@ back to 16 kHz in one call per range.
 A range is decoded with the packets before it as pre-roll (`PREROLL`), so a
 range read from the middle of a call starts with the decoder's state warm.
 
-PyAV is imported on first use: a worker imports it when its first job reads audio.
+PyAV is imported on first use; a worker whose jobs read or write Opus calls `warm_up()` at load,
+so its first job does not pay the import and the codecs' first use (~55 ms and ~35 ms here).
 """
 
 from __future__ import annotations
@@ -139,6 +140,17 @@ def _av() -> Any:
     import av
 
     return av
+
+
+def warm_up(agent_rate: int | None = None) -> None:
+    """Import PyAV and run the decoder (and, given the agent's sample rate, the agent-stream
+    encoder) once, at a worker's load rather than in its first job."""
+    enc = OpusEncoder()
+    decode([enc.encode(np.zeros(FRAME_SAMPLES, dtype=np.int16)) for _ in range(3)])
+    if agent_rate is not None:
+        stream = OpusStreamEncoder(agent_rate)
+        stream.encode(np.zeros(agent_rate // 10, dtype=np.int16))
+        decode_stream(stream.flush())
 
 
 OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)

@@ -83,6 +83,11 @@ class TaskSet:
                      exc_info=task.exception() if not task.cancelled() else None)
         self.failed.set()
 
+    def shutting_down(self) -> None:
+        """A shutdown has begun: vital tasks that end from now on (a loop seeing its stop event)
+        are no failure."""
+        self._closing = True
+
     def cancel_others(self) -> None:
         """Cancel every task but the one running this (a task may end the component it belongs to)."""
         self._closing = True

@@ -8,6 +8,7 @@ this test process has them loaded already.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,15 @@ def test_help_lists_every_command_without_importing_them() -> None:
                                text=True, timeout=60).stdout
     for command in ("worker", "bridge", "demo", "up", "exporter", "top", "record", "replay", "sessions", "selfcheck"):
         assert command in help_text
+
+
+def test_the_command_keeps_numpys_blas_to_one_thread() -> None:
+    """shared/cli.py sets OPENBLAS_NUM_THREADS=1 before numpy loads (spinning BLAS threads took the
+    cores the stages need); a value the user set wins."""
+    code = "import shared.cli, os; print(os.environ['OPENBLAS_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.strip() == "1", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**env, "OPENBLAS_NUM_THREADS": "4"})
+    assert out.stdout.strip() == "4", out.stderr

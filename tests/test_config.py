@@ -189,6 +189,14 @@ def test_non_utf8_pools_file_is_a_config_error(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{path}: invalid TOML")
 
 
+def test_an_llm_pool_warms_with_the_bridges_system_prompt(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, VALID + 'system_prompt = "Be brief."\n'))
+    assert cfg.pools["llm-a"].warm_prompt == "Be brief."
+    assert cfg.pools["asr-big"].warm_prompt is None  # only LLM pools prefill a prompt
+    off = VALID.replace('claim_idle_ms = 1500', 'claim_idle_ms = 1500\nwarm_prompt = ""')
+    assert load_config(write(tmp_path, off, "off.toml")).pools["llm-a"].warm_prompt == ""
+
+
 def test_tts_chunks_default_and_from_the_cpu_pools_file(tmp_path: Path) -> None:
     chunks = load_config(write(tmp_path, VALID)).pools["tts-a"].chunks
     assert (chunks.first_words, chunks.min_words, chunks.edge_ms, chunks.fade_ms) == (4, 3, 5, 2.0)

@@ -4,6 +4,8 @@ seq, silence where a frame is missing) and stay close to the input."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,10 @@ def test_the_native_encoder_is_used_and_decodes_like_pyavs(speech: np.ndarray) -
         return max(range(-40, 41), key=lambda s: float(np.dot(ref[max(s, 0):len(ref) + min(s, 0)],
                                                                x[max(-s, 0):len(x) - max(s, 0)].astype(np.float64))))
     assert lag(pcm_a) == lag(pcm_b)
+
+
+def test_warm_up_runs_the_decoder_and_the_agent_encoder() -> None:
+    """What a worker runs at load (workers/stages: asr, eot, tts) so its first job pays no import or codec set-up."""
+    opus.warm_up()
+    opus.warm_up(22_050)  # Piper's rate: the agent stream resamples to 24 kHz
+    assert "av" in sys.modules

@@ -131,6 +131,7 @@ class Worker:
             await _wait_any(stop, self.tasks.failed, timeout=None)
             if self.tasks.failed.is_set():
                 self.failure = self.tasks.failure
+            self.tasks.shutting_down()
             stop.set()
             await finish_task(claim, grace_s=self.reap_interval_s + 2.5)
         finally:

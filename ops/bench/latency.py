@@ -35,7 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# As in every voxbus process (shared/cli.py): numpy's OpenBLAS threads would otherwise spin on the
+# cores the stages need. Set before numpy loads, so the in-process peer runs under the same rule.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 for path in (ROOT, ROOT / "ops" / "bench"):

@@ -130,6 +130,26 @@ async def test_system_prompt_prefix_stays_in_the_kv_cache(engine: LlamaCppLlm) -
     assert 0 < stats.prompt_tokens_evaluated < system_tokens
 
 
+async def test_warm_leaves_the_bridges_system_prompt_in_the_cache() -> None:
+    """A pool whose engine has no system prompt of its own gets it from the bridge in every job:
+    `warm()` (the pool's `warm_prompt`) prefills it at load, so the first turn does not."""
+    first_turn = [ChatMessage(session="t", role="system", text=SYSTEM), *user("Hello there.")]
+    cold, warm = LlamaCppLlm(n_ctx=512), LlamaCppLlm(n_ctx=512)
+    await cold.load()
+    await warm.load()
+    await warm.warm(SYSTEM)
+    try:
+        evaluated = []
+        for llm in (cold, warm):
+            deltas = [d async for d in llm.stream(first_turn, request_id="r", max_tokens=4, watch=None)]
+            assert deltas and llm.last_stats is not None
+            evaluated.append(llm.last_stats.prompt_tokens_evaluated)
+        assert evaluated[1] < cold.count_tokens(SYSTEM) < evaluated[0]
+    finally:
+        await cold.aclose()
+        await warm.aclose()
+
+
 async def test_replies_do_not_depend_on_what_the_cache_held(engine: LlamaCppLlm, reference: str) -> None:
     cold = LlamaCppLlm(system_prompt=SYSTEM, warmup=False)
     await cold.load()

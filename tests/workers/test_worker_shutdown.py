@@ -29,6 +29,7 @@ async def test_sigterm_right_after_start_exits_and_deregisters(redis, cluster, u
         worker = await cluster.start(pool)
         worker.terminate()
         assert await worker.wait(timeout=10) == 0, worker.log_tail()
+        assert "vital task" not in worker.log_tail()  # a loop ending at a SIGTERM is no failure
         assert not await redis.exists(Keys.worker(pool, worker.worker_id))
         assert await redis.zscore(Keys.pool_workers(pool), worker.worker_id) is None
 

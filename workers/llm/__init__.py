@@ -22,7 +22,9 @@ class LlmEngine(Protocol):
 
     Optional class attributes say how a job re-run after a dead worker may go on (workers/stages/llm.py):
     `supports_prefix = True`: `stream(..., prefix=TEXT)` continues a reply after TEXT, already spoken;
-    `deterministic = True`: a re-run decodes exactly the same tokens."""
+    `deterministic = True`: a re-run decodes exactly the same tokens;
+    `async def warm(system_prompt)`: prefill the system prompt the bridges send (the pool's
+    `warm_prompt`) once at load, so the first turn finds it in the prompt cache."""
 
     async def load(self) -> None:
         """Load weights or open the client (heavy work off the event loop)."""

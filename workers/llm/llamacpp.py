@@ -9,7 +9,8 @@ instance is back in the pool when the iterator has finished closing.
 
 The system prompt stays warm: llama.cpp reuses the KV cache of the longest
 common token prefix between calls, and `to_chat` puts the system prompt first
-and identical, so a new turn only evaluates the new messages. Replies are
+and identical, so a new turn only evaluates the new messages; `warm()` prefills
+the bridges' system prompt at load, so the first caller finds it there too. Replies are
 deterministic whatever the cache holds: floating-point results depend on how
 the prompt is split into batches, so the reused prefix is rounded down to a
 multiple of `n_batch` and the rest is evaluated in batches aligned the same
@@ -69,6 +70,7 @@ class LlamaCppLlm:
         model: str = "bundled:smollm2-135m-instruct",
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         temperature: float = 0.0,
         repeat_penalty: float = 1.15,
         seed: int = 0,
@@ -82,7 +84,8 @@ class LlamaCppLlm:
             raise ValueError("instances must be >= 1")
         self.model = model
         self.n_ctx = n_ctx
-        self.n_threads = n_threads
+        self.n_threads = n_threads  # decoding (llama-cpp-python's default: half the cores)
+        self.n_threads_batch = n_threads_batch  # prompt evaluation (default: every core)
         self.temperature = temperature
         # > 1 penalises tokens seen in the last 64: greedy decoding of a small model loops without it.
         # Deterministic (no sampling), so a re-run job still reproduces its tokens.
@@ -114,20 +117,35 @@ class LlamaCppLlm:
                 model_path=path,
                 n_ctx=self.n_ctx,
                 n_threads=self.n_threads,
+                n_threads_batch=self.n_threads_batch,
                 seed=self.seed,
                 n_batch=self.n_batch,
                 chat_format=self.chat_format,
                 verbose=False,
             )
             if self.warmup:
-                # Fills the KV cache with the system prompt and runs the first
-                # (slow) decode now rather than in the first caller's turn.
-                self._run(llm, to_chat([], self.system_prompt) + [{"role": "user", "content": "Hi"}], 1,
-                          lambda: False, lambda _: None, GenerationStats("warmup"))
+                # Runs the first (slow) decode now rather than in the first caller's turn.
+                self._warm(llm, self.system_prompt)
             self._llamas.append(llm)
             self._free.put(llm)
         self._executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix="llamacpp")
         log.info("llama.cpp model ready: %d instance(s) in %.2f s", self.instances, time.perf_counter() - t0)
+
+    async def warm(self, system_prompt: str) -> None:
+        """Leave `system_prompt` (the one the bridges send) in every instance's KV cache.
+
+        Nothing to do when the engine has its own `system_prompt`: that one goes first whatever the
+        bridge sends, and the load already warmed it."""
+        if self.system_prompt or not self.warmup:
+            return
+        t0 = time.perf_counter()
+        for llm in self._llamas:
+            await asyncio.to_thread(self._warm, llm, system_prompt)
+        log.info("llama.cpp prompt cache warmed with the system prompt in %.0f ms", (time.perf_counter() - t0) * 1000)
+
+    def _warm(self, llm: Any, system_prompt: str | None) -> None:
+        chat = to_chat([], system_prompt) + [{"role": "user", "content": "Hi"}]
+        self._run(llm, chat, 1, lambda: False, lambda _: None, GenerationStats("warmup"))
 
     async def aclose(self) -> None:
         if self._executor is not None:

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from shared import opus
 from shared.cancel import CancelWatch
 from shared.protocol import AsrJob, Keys, Transcript
 from workers import asr as asr_engines
@@ -33,6 +34,7 @@ class AsrStage(StageHandler):
 
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
+        await asyncio.to_thread(opus.warm_up)
 
     async def aclose(self) -> None:
         await self._batcher.aclose()

@@ -50,6 +50,9 @@ class LlmStage(StageHandler):
 
     async def load(self) -> None:
         await self.engine.load()
+        warm = getattr(self.engine, "warm", None)
+        if warm is not None and self.ctx.pool.warm_prompt:
+            await warm(self.ctx.pool.warm_prompt)
 
     async def aclose(self) -> None:
         await self.engine.aclose()
