@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from shared.models import ModelMissing, resolve
-from workers.eot.features import fit_window, log_mel
+from workers.eot.features import SAMPLE_RATE, fit_window, log_mel
 
 log = logging.getLogger("voxbus.eot.smart_turn")
 
@@ -46,6 +46,9 @@ class SmartTurn:
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
             raise ModelMissing(f"cannot load the Smart Turn model {path!r}: {exc}") from exc
         self._input = self._session.get_inputs()[0].name
+        # The first run allocates the model's buffers (73 ms against 57 ms for the next ones here):
+        # at load, not in the first caller's pause.
+        self.predict([np.zeros(SAMPLE_RATE, dtype=np.float32)])
         log.info("Smart Turn loaded from %s in %.2f s", path, time.perf_counter() - t0)
 
     def predict(self, utterances: list[np.ndarray]) -> np.ndarray:

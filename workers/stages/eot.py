@@ -15,7 +15,7 @@ import numpy as np
 
 from shared import opus
 from shared.cancel import CancelWatch
-from shared.protocol import SAMPLE_RATE, EotDecision, EotJob, Keys
+from shared.protocol import EotDecision, EotJob, Keys
 from workers import eot as eot_engines
 from workers.stages.base import StageContext, StageHandler
 from workers.stages.batching import Batcher
@@ -31,8 +31,6 @@ class EotStage(StageHandler):
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
         await asyncio.to_thread(opus.warm_up)
-        # The model's first run allocates its buffers (73 ms against 57 ms for the next ones here).
-        await asyncio.to_thread(self._predict_batch, [np.zeros(SAMPLE_RATE, dtype=np.float32)])
 
     async def aclose(self) -> None:
         await self._batcher.aclose()

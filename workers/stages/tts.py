@@ -38,7 +38,6 @@ from workers.tts.clauses import ClauseBuffer
 from workers.tts.seams import PieceShaper
 
 log = logging.getLogger("voxbus.stage.tts")
-WARM_UP_TEXT = "Hello there."
 
 CHUNK_MS = 200
 TOKEN_WAIT_S = 30.0  # an LLM job being retried after a crash may take a while
@@ -53,9 +52,6 @@ class TtsStage(StageHandler):
 
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
-        # One synthesis now: the first one also sets up the model's buffers and the phonemizer
-        # (Piper here: ~100 ms for the first short piece against ~55 ms for the next ones).
-        await asyncio.to_thread(lambda: [None for _ in self.engine.synthesize(WARM_UP_TEXT, None)])
         if self.ctx.pool.audio_codec == "opus":
             await asyncio.to_thread(opus.warm_up, self.engine.sample_rate)
 
